@@ -1,0 +1,5 @@
+import sys
+
+from fedlight.cli import main
+
+sys.exit(main())

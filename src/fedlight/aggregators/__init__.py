@@ -1,0 +1,1 @@
+"""Aggregators: new global trainable state from the old one and the clients' deltas."""

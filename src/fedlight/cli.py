@@ -1,0 +1,147 @@
+"""The ``fedlight`` command: LightningCLI for fit/validate/test, plus ``plugins``.
+
+Plugins are loaded before the parser is built, and every YAML document passes through
+:func:`load_config`, which resolves plugin short names (``class_path: lora``) to import paths and
+refuses unknown names with the list of available ones, before anything is instantiated.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import yaml
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+#: config keys whose value is a plugin, and the plugin kind they take
+PLUGIN_KEYS: dict[str, str] = {
+    "task": "tasks",
+    "peft": "peft_methods",
+    "dataset": "datasets",
+    "partitioner": "partitioners",
+    "aggregator": "aggregators",
+    "privacy": "privacy",
+    "uplink_codec": "codecs",
+    "downlink_codec": "codecs",
+}
+
+PARSER_MODE = "fedlight"
+
+
+class ConfigError(ValueError):
+    """A config names something fedlight cannot use; the message says what to change."""
+
+
+def resolve_plugin_names(node: Any, path: str = "") -> Any:
+    """Rewrite plugin short names under :data:`PLUGIN_KEYS` to import paths; refuse unknown ones."""
+    from fedlight.plugins import PluginError, get_registry
+
+    if isinstance(node, list):
+        return [resolve_plugin_names(v, f"{path}[{i}]") for i, v in enumerate(node)]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        where = f"{path}.{key}" if path else str(key)
+        kind = PLUGIN_KEYS.get(key)
+        if kind is not None:
+            name = value.get("class_path") if isinstance(value, dict) else value
+            if isinstance(name, str):
+                try:
+                    entry = get_registry().get(kind, name)
+                except PluginError as err:
+                    raise ConfigError(f"{where}: {err}") from None
+                value = {**value, "class_path": entry.import_path} if isinstance(value, dict) else entry.import_path
+        out[key] = resolve_plugin_names(value, where)
+    return out
+
+
+def load_config(text: str) -> Any:
+    return resolve_plugin_names(yaml.safe_load(text))
+
+
+def _make_cli_class():
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+    from fedlight.core.round import FederatedRound
+
+    class FedlightCLI(LightningCLI):
+        """LightningCLI with the round callback as a top-level ``federation:`` section."""
+
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            parser.add_lightning_class_args(FederatedRound, "federation")
+            parser.link_arguments("federation.rounds", "trainer.max_epochs")
+
+    return FedlightCLI
+
+
+def trainer_defaults() -> dict[str, Any]:
+    from fedlight.core.progress import FederatedProgressBar
+
+    return {
+        "reload_dataloaders_every_n_epochs": 1,  # each round has its own client batches
+        "num_sanity_val_steps": 0,
+        "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+        "callbacks": [FederatedProgressBar()],
+        "enable_model_summary": False,
+    }
+
+
+def run_cli(args: list[str] | None = None, run: bool = True):
+    """Build (and by default run) the LightningCLI; returns the CLI object."""
+    import jsonargparse
+
+    from fedlight.core.datamodule import FederatedDataModule
+    from fedlight.core.module import FederatedModule
+
+    jsonargparse.set_loader(PARSER_MODE, load_config, exceptions=(yaml.YAMLError,))
+    cli_class = _make_cli_class()
+    return cli_class(
+        FederatedModule,
+        FederatedDataModule,
+        trainer_defaults=trainer_defaults(),
+        parser_kwargs={"parser_mode": PARSER_MODE},
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def print_plugins(stream=sys.stdout) -> None:
+    from fedlight.plugins import KINDS, get_registry
+
+    registry = get_registry()
+    for kind in KINDS:
+        print(f"{kind}:", file=stream)
+        for name in registry.names(kind):
+            entry = registry.entries[kind][name]
+            print(f"  {name:<22} {entry.cls.summary()}  [{entry.provider}]", file=stream)
+    for package, error in sorted(registry.failures.items()):
+        print(f"failed to load plugin package {package}: {error.splitlines()[0]}", file=stream)
+
+
+def main(argv: list[str] | None = None) -> int:
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plugins"]:
+        print_plugins()
+        return 0
+    try:
+        run_cli(argv)
+    except ConfigError as err:
+        print(f"fedlight: configuration error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

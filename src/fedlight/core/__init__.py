@@ -1,0 +1,1 @@
+"""Engine-independent core: round plan, state algebra, client/server pipelines, Lightning glue."""

@@ -1,0 +1,155 @@
+"""FederatedDataModule: a dataset split over clients, served one round at a time.
+
+Each round's training loader yields the sampled clients' local batches in turn (client after
+client), every example tagged with its client id, so the round callback can tell where one client's
+local training ends and the next begins.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from jsonargparse import lazy_instance
+from torch.utils.data import DataLoader, Sampler
+
+from fedlight.core.plan import RoundPlan
+from fedlight.data.base import Dataset, DatasetSplits, Example
+from fedlight.partitioners.base import Partitioner
+from fedlight.partitioners.iid import IID
+
+
+def resolve_seed(seed: int | None) -> int:
+    """An explicit seed, else the one ``seed_everything`` set, else 0."""
+    if seed is not None:
+        return int(seed)
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
+
+class ClientTaggedDataset(torch.utils.data.Dataset):
+    """Index with ``(client_id, example_index)``; returns the example plus its client id."""
+
+    def __init__(self, examples: Sequence[Example]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, key: tuple[int, int]) -> Example:
+        client_id, index = key
+        return {**self.examples[index], "client_id": client_id}
+
+
+def collate_with_client(collate: Callable[[list[Example]], dict[str, Any]], examples: list[Example]) -> dict[str, Any]:
+    batch = collate(examples)
+    batch["client_id"] = torch.tensor([e["client_id"] for e in examples])
+    return batch
+
+
+class RoundBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of one round: each sampled client's local steps in turn, reshuffled per epoch of its data."""
+
+    def __init__(self, plan: RoundPlan, client_indices: Sequence[np.ndarray], batch_size: int, seed: int) -> None:
+        self.plan = plan
+        self.client_indices = client_indices
+        self.batch_size = batch_size
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.plan.total_steps
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for client, steps in zip(self.plan.clients, self.plan.steps):
+            indices = self.client_indices[client]
+            rng = np.random.default_rng([self.seed, self.plan.round, client])
+            size = min(self.batch_size, len(indices))
+            order = rng.permutation(indices)
+            pos = 0
+            for _ in range(steps):
+                if pos + size > len(order):
+                    order, pos = rng.permutation(indices), 0
+                yield [(client, int(i)) for i in order[pos : pos + size]]
+                pos += size
+
+
+class FederatedDataModule(pl.LightningDataModule):
+    """A dataset plugin partitioned over ``num_clients`` simulated clients.
+
+    Args:
+        dataset: where the examples come from (e.g. ``chatterbot``, ``digits``).
+        partitioner: how training examples are split over clients (e.g. ``iid``, ``dirichlet``).
+        num_clients: number of clients in the federation.
+        batch_size: local training batch size.
+        eval_batch_size: batch size of the server-side validation of the global model.
+        seed: partition seed; defaults to ``seed_everything``'s seed.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        partitioner: Partitioner = lazy_instance(IID),
+        num_clients: int = 10,
+        batch_size: int = 16,
+        eval_batch_size: int = 64,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if num_clients < 1:
+            raise ValueError(f"data.num_clients must be >= 1, got {num_clients}")
+        if batch_size < 1 or eval_batch_size < 1:
+            raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
+        self.dataset = dataset
+        self.partitioner = partitioner
+        self.num_clients = num_clients
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        self.splits: DatasetSplits | None = None
+        self.client_indices: list[np.ndarray] = []
+        self._planner: Callable[[int], RoundPlan] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is not None:
+            return
+        self.splits = self.dataset.load()
+        if not self.splits.train:
+            raise ValueError(f"dataset {self.dataset.name!r} has no training examples")
+        self.client_indices = self.partitioner(self.splits.train_labels(), self.num_clients, resolve_seed(self.seed))
+
+    @property
+    def num_classes(self) -> int:
+        assert self.splits is not None, "call setup() first"
+        return self.splits.num_classes
+
+    @property
+    def client_sizes(self) -> list[int]:
+        return [len(ix) for ix in self.client_indices]
+
+    def set_planner(self, planner: Callable[[int], RoundPlan]) -> None:
+        """The round callback hands over how to plan round r (1-based)."""
+        self._planner = planner
+
+    def _task_collate(self):
+        return self.trainer.lightning_module.task.collate
+
+    def train_dataloader(self) -> DataLoader:
+        if self._planner is None:
+            raise RuntimeError("no round planner: add the `federation:` section (FederatedRound callback)")
+        plan = self._planner(self.trainer.current_epoch + 1)
+        sampler = RoundBatchSampler(plan, self.client_indices, self.batch_size, resolve_seed(self.seed))
+        return DataLoader(
+            ClientTaggedDataset(self.splits.train),
+            batch_sampler=sampler,
+            collate_fn=partial(collate_with_client, self._task_collate()),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(list(self.splits.val), batch_size=self.eval_batch_size, collate_fn=self._task_collate())
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

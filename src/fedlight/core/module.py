@@ -1,0 +1,113 @@
+"""FederatedModule: a LightningModule = Task (model, loss, metrics) + PeftMethod (what trains)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from jsonargparse import lazy_instance
+
+from fedlight.peft.base import PeftMethod
+from fedlight.peft.lora import LoRA
+from fedlight.tasks.base import Task
+
+
+class FederatedModule(pl.LightningModule):
+    """The model every client trains. It is built in ``setup`` once the data's label count is known.
+
+    Args:
+        task: what model, batches, loss and metrics (e.g. ``text_classification``).
+        peft: which tensors train and travel (e.g. ``lora``, ``bitfit``, ``full``).
+        lr: client learning rate of the default AdamW optimizer (a top-level ``optimizer:`` section
+            replaces it, as in any LightningCLI).
+        weight_decay: AdamW weight decay.
+    """
+
+    def __init__(
+        self, task: Task, peft: PeftMethod = lazy_instance(LoRA), lr: float = 1e-3, weight_decay: float = 0.0
+    ) -> None:
+        super().__init__()
+        if lr <= 0:
+            raise ValueError(f"model.lr must be > 0, got {lr}")
+        peft.check_family(task.family)  # fail at instantiation, before any data or training
+        self.task = task
+        self.peft = peft
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.model: torch.nn.Module | None = None
+        self.num_classes: int | None = None
+
+    # --- building -------------------------------------------------------------------------------
+
+    def build(self, num_classes: int) -> None:
+        if self.model is not None:
+            return
+        model = self.task.build_model(num_classes)
+        self.model = self.peft.apply(model, self.task.family, self.task.head_modules(model))
+        self.num_classes = num_classes
+        self.val_metrics = self.task.metrics(num_classes).clone(prefix="val_")
+        self.test_metrics = self.task.metrics(num_classes).clone(prefix="test_")
+
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is None or not hasattr(datamodule, "num_classes"):
+            raise ValueError("FederatedModule needs a FederatedDataModule (the `data:` section)")
+        self.build(datamodule.num_classes)
+
+    @property
+    def shared_names(self) -> list[str]:
+        return self.peft.shared_names(self.model)
+
+    @property
+    def local_names(self) -> list[str]:
+        return self.peft.local_names(self.model)
+
+    def frozen_names(self) -> list[str]:
+        return [n for n, p in self.model.named_parameters() if not p.requires_grad]
+
+    # --- steps ----------------------------------------------------------------------------------
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        out = self.task.step(self.model, batch)
+        self.log("train_loss", out.loss, prog_bar=True, batch_size=len(out.target))
+        return out.loss
+
+    def _eval_step(self, batch: dict[str, Any], metrics, prefix: str) -> None:
+        out = self.task.step(self.model, batch)
+        metrics.update(out.preds, out.target)
+        self.log(f"{prefix}loss", out.loss, on_epoch=True, prog_bar=prefix == "val_", batch_size=len(out.target))
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, "val_")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.val_metrics.reset()
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, "test_")
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.test_metrics.reset()
+
+    @torch.no_grad()
+    def evaluate(self, loader, prefix: str = "val_") -> dict[str, float]:
+        """Metrics of the current model on a loader outside Lightning's loops (the round-0 baseline)."""
+        was_training = self.model.training
+        self.model.eval()
+        metrics = self.task.metrics(self.num_classes).clone(prefix=prefix).to(self.device)
+        total, count = 0.0, 0
+        for batch in loader:
+            batch = self.transfer_batch_to_device(batch, self.device, 0)
+            out = self.task.step(self.model, batch)
+            metrics.update(out.preds, out.target)
+            total += float(out.loss) * len(out.target)
+            count += len(out.target)
+        self.model.train(was_training)
+        return {f"{prefix}loss": total / max(count, 1), **{k: float(v) for k, v in metrics.compute().items()}}
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)

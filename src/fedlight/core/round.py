@@ -1,0 +1,315 @@
+"""FederatedRound: the callback that turns a Lightning epoch into one federated round.
+
+round start : plan (sampled clients, local steps); broadcast the global trainable state
+client start: load the decoded broadcast (+ the client's own local tensors); fresh optimizer state
+client end  : delta -> client pipeline (privacy, codec) -> ClientUpdate; keep local tensors
+round end   : server pipeline -> new global state, loaded before validation; a row in rounds.csv
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from jsonargparse import lazy_instance
+from lightning.pytorch.utilities import rank_zero_info
+
+from fedlight.aggregators.base import Aggregator
+from fedlight.aggregators.fedavg import FedAvg
+from fedlight.codecs.base import Codec
+from fedlight.codecs.identity import IdentityCodec
+from fedlight.core.client import ClientPipeline
+from fedlight.core.datamodule import FederatedDataModule, resolve_seed
+from fedlight.core.module import FederatedModule
+from fedlight.core.plan import RoundPlan, plan_round
+from fedlight.core.server import ServerPipeline
+from fedlight.core.state import State
+from fedlight.core.update import ClientUpdate
+from fedlight.privacy.base import Privacy
+from fedlight.privacy.none import NoPrivacy
+
+MB = 1e6
+ROUNDS_CSV = "rounds.csv"
+
+
+def _generator(seed: int, round_idx: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + round_idx) * 31 + stream)
+
+
+class FederatedRound(pl.Callback):
+    """One Lightning epoch == one federated round (the ``federation:`` config section).
+
+    Args:
+        rounds: number of rounds (sets ``trainer.max_epochs``).
+        clients_per_round: clients sampled (uniformly, without replacement) each round.
+        local_steps: local optimisation steps per sampled client; or
+        local_epochs: local passes over each client's data (exclusive with ``local_steps``).
+        aggregator: server-side aggregation (e.g. ``fedavg``).
+        uplink_codec: how client updates are encoded (bytes counted are its payload lengths).
+        downlink_codec: how the global trainable state is broadcast.
+        privacy: privacy mechanism (``none`` by default).
+        seed: sampling seed; defaults to ``seed_everything``'s seed.
+        eval_before_training: evaluate the initial global model as round 0.
+    """
+
+    def __init__(
+        self,
+        rounds: int = 10,
+        clients_per_round: int = 10,
+        local_steps: int | None = 10,
+        local_epochs: float | None = None,
+        aggregator: Aggregator = lazy_instance(FedAvg),
+        uplink_codec: Codec = lazy_instance(IdentityCodec),
+        downlink_codec: Codec = lazy_instance(IdentityCodec),
+        privacy: Privacy = lazy_instance(NoPrivacy),
+        seed: int | None = None,
+        eval_before_training: bool = True,
+    ) -> None:
+        if rounds < 1:
+            raise ValueError(f"federation.rounds must be >= 1, got {rounds}")
+        if clients_per_round < 1:
+            raise ValueError(f"federation.clients_per_round must be >= 1, got {clients_per_round}")
+        if (local_steps is None) == (local_epochs is None):
+            raise ValueError("set exactly one of federation.local_steps and federation.local_epochs (the other: null)")
+        if local_steps is not None and local_steps < 1:
+            raise ValueError(f"federation.local_steps must be >= 1, got {local_steps}")
+        if local_epochs is not None and local_epochs <= 0:
+            raise ValueError(f"federation.local_epochs must be > 0, got {local_epochs}")
+        self.rounds = rounds
+        self.clients_per_round = clients_per_round
+        self.local_steps = local_steps
+        self.local_epochs = local_epochs
+        self.aggregator = aggregator
+        self.privacy = privacy
+        self.client = ClientPipeline(uplink_codec, downlink_codec, privacy)
+        self.server = ServerPipeline(uplink_codec, downlink_codec, aggregator, privacy)
+        self.seed = seed
+        self.eval_before_training = eval_before_training
+        # run state (checkpointed)
+        self.global_state: State | None = None
+        self.initial_local: State = {}
+        self.client_store: dict[int, State] = {}
+        self.history: list[dict[str, Any]] = []
+        # per-round scratch
+        self.plan: RoundPlan | None = None
+        self._reset_round()
+
+    def _reset_round(self) -> None:
+        self.updates: list[ClientUpdate] = []
+        self.current_client: int | None = None
+        self.clients_done = 0
+        self.round_downlink = 0
+        self._client_losses: list[float] = []
+        self._round_losses: list[float] = []
+        self._round_start = time.perf_counter()
+        self._payload: bytes = b""
+        self._client_start: State = {}
+
+    # --- plumbing -------------------------------------------------------------------------------
+
+    @property
+    def total_uplink(self) -> int:
+        return sum(r["uplink_bytes"] for r in self.history)
+
+    @property
+    def total_downlink(self) -> int:
+        return sum(r["downlink_bytes"] for r in self.history)
+
+    def plan_for(self, round_idx: int) -> RoundPlan:
+        return plan_round(
+            resolve_seed(self.seed),
+            round_idx,
+            self._dm.client_sizes,
+            self.clients_per_round,
+            self._dm.batch_size,
+            self.local_steps,
+            self.local_epochs,
+        )
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        dm = trainer.datamodule
+        if not isinstance(dm, FederatedDataModule) or not isinstance(pl_module, FederatedModule):
+            raise ValueError("the federation callback needs a FederatedModule and a FederatedDataModule")
+        if trainer.reload_dataloaders_every_n_epochs != 1:
+            raise ValueError("trainer.reload_dataloaders_every_n_epochs must be 1: each round has its own batches")
+        if trainer.limit_train_batches not in (1.0, None):
+            raise ValueError("trainer.limit_train_batches would cut rounds short; set federation.local_steps instead")
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError("trainer.accumulate_grad_batches must be 1 (a batch must not span two clients)")
+        if self.clients_per_round > dm.num_clients:
+            raise ValueError(
+                f"federation.clients_per_round ({self.clients_per_round}) exceeds data.num_clients ({dm.num_clients})"
+            )
+        if trainer.max_epochs != self.rounds:
+            raise ValueError(f"trainer.max_epochs ({trainer.max_epochs}) must equal federation.rounds ({self.rounds})")
+        self._dm = dm
+        dm.set_planner(self.plan_for)
+
+    def log_dir(self, trainer: pl.Trainer) -> Path:
+        path = Path(trainer.log_dir or trainer.default_root_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # --- run start --------------------------------------------------------------------------------
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+        if self.global_state is None:  # a fresh run; on resume load_state_dict already set it
+            self.global_state = pl_module.peft.get_state(pl_module.model, pl_module.shared_names)
+            self.initial_local = pl_module.peft.get_state(pl_module.model, pl_module.local_names)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+        if trainer.current_epoch == 0 and not self.history and self.eval_before_training:
+            loader = self._dm.val_dataloader()
+            self._append_row(trainer, {"round": 0, "num_clients": 0, **pl_module.evaluate(loader)})
+
+    # --- round -------------------------------------------------------------------------------------
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+        self._reset_round()
+        self.plan = self.plan_for(trainer.current_epoch + 1)
+        self._payload = self.server.broadcast(self.global_state)
+
+    def on_train_batch_start(self, trainer, pl_module: FederatedModule, batch: Any, batch_idx: int) -> None:
+        client_id = int(batch["client_id"][0])
+        if client_id != self.current_client:
+            if self.current_client is not None:
+                self._finish_client(trainer, pl_module)
+            self._start_client(trainer, pl_module, client_id)
+
+    def on_train_batch_end(self, trainer, pl_module: FederatedModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._client_losses.append(float(loss))
+        if batch_idx == trainer.num_training_batches - 1:
+            self._finish_client(trainer, pl_module)
+            self._end_round(trainer, pl_module)
+
+    def _start_client(self, trainer: pl.Trainer, pl_module: FederatedModule, client_id: int) -> None:
+        self.current_client = client_id
+        self._client_start = self.client.receive(self._payload)
+        self.round_downlink += len(self._payload)
+        peft, model = pl_module.peft, pl_module.model
+        peft.set_state(model, self._client_start)
+        peft.set_state(model, self.client_store.get(client_id, self.initial_local))
+        for optimizer in trainer.optimizers:  # every client starts with fresh optimizer state
+            optimizer.state.clear()
+
+    def _finish_client(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+        client_id = self.current_client
+        peft, model = pl_module.peft, pl_module.model
+        trained = peft.get_state(model, pl_module.shared_names)
+        mean_loss = sum(self._client_losses) / max(len(self._client_losses), 1)
+        update = self.client.finish(
+            client_id,
+            self._client_start,
+            trained,
+            num_examples=self._dm.client_sizes[client_id],
+            generator=_generator(resolve_seed(self.seed), self.plan.round, 1000 + client_id),
+            metrics={"train_loss": mean_loss},
+        )
+        self.updates.append(update)
+        if pl_module.local_names:
+            self.client_store[client_id] = peft.get_state(model, pl_module.local_names)
+        self._round_losses.extend(self._client_losses)
+        self._client_losses = []
+        self.clients_done += 1
+        self.current_client = None
+
+    def _end_round(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+        generator = _generator(resolve_seed(self.seed), self.plan.round, 0)
+        new_global, report = self.server.aggregate(self.global_state, self.updates, generator)
+        for client_id, reason in report.rejected.items():
+            rank_zero_info(f"[fedlight] round {self.plan.round}: rejected update of client {client_id}: {reason}")
+        self.global_state = new_global
+        pl_module.peft.set_state(pl_module.model, new_global)
+        pl_module.peft.set_state(pl_module.model, self.initial_local)
+        self._round_report = report
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+        report = self._round_report
+        metrics = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_") and v.numel() == 1
+        }
+        row = {
+            "round": self.plan.round,
+            "num_clients": len(report.accepted),
+            "rejected": len(report.rejected),
+            "uplink_bytes": report.uplink_bytes,
+            "downlink_bytes": self.round_downlink,
+            "train_loss": sum(self._round_losses) / max(len(self._round_losses), 1),
+            **metrics,
+            "epsilon": self.privacy.epsilon(),
+            "round_time_s": round(time.perf_counter() - self._round_start, 3),
+        }
+        self._append_row(trainer, row)
+        self.updates, self.round_downlink = [], 0  # now counted in history
+
+    def _append_row(self, trainer: pl.Trainer, row: dict[str, Any]) -> None:
+        row.setdefault("uplink_bytes", 0)
+        row.setdefault("downlink_bytes", 0)
+        self.history.append(row)
+        cumulative = 0
+        for r in self.history:
+            cumulative += r["uplink_bytes"] + r["downlink_bytes"]
+            r["cumulative_mb"] = round(cumulative / MB, 6)
+        if trainer.is_global_zero:
+            self._write_csv(self.log_dir(trainer) / ROUNDS_CSV)
+
+    def _write_csv(self, path: Path) -> None:
+        columns: list[str] = []
+        for r in self.history:
+            columns.extend(k for k in r if k not in columns)
+        tmp = path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(self.history)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: a reader never sees a half-written file
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+        rank_zero_info(self.summary())
+
+    def summary(self) -> str:
+        rows = [r for r in self.history if r["round"] > 0]
+        if not rows:
+            return "[fedlight] no rounds completed"
+        metric = next((k for k in ("val_acc", "val_f1", "val_loss") if k in rows[-1]), None)
+        text = f"[fedlight] {len(rows)} rounds"
+        if metric:
+            first = self.history[0].get(metric)
+            best = max(rows, key=lambda r: r.get(metric, float("-inf")) * (-1 if metric == "val_loss" else 1))
+            text += f" | {metric}: round 0 {first:.4f} -> final {rows[-1][metric]:.4f}" if first is not None else ""
+            text += f" (best {best[metric]:.4f} @ round {best['round']})"
+        text += (
+            f" | uplink {self.total_uplink / MB:.3f} MB, downlink {self.total_downlink / MB:.3f} MB,"
+            f" total {(self.total_uplink + self.total_downlink) / MB:.3f} MB"
+        )
+        return text
+
+    # --- checkpointing ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "global_state": self.global_state,
+            "initial_local": self.initial_local,
+            "client_store": self.client_store,
+            "history": self.history,
+            "aggregator": self.aggregator.state_dict(),
+            "privacy": self.privacy.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.global_state = state["global_state"]
+        self.initial_local = state["initial_local"]
+        self.client_store = state["client_store"]
+        self.history = state["history"]
+        self.aggregator.load_state_dict(state["aggregator"])
+        self.privacy.load_state_dict(state["privacy"])

@@ -1,0 +1,1 @@
+"""Offline datasets: labelled examples that install with the project (no hub downloads)."""

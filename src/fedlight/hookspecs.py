@@ -1,0 +1,73 @@
+"""The whole fedlight extension contract: one pluggy hook per plugin kind.
+
+A plugin package implements any of these hooks in one module and names that module under the
+``fedlight`` entry-point group::
+
+    [project.entry-points.fedlight]
+    my_plugin = "my_package.plugin"
+
+Every hook takes no arguments, is called once when the plugin manager is built (before the CLI
+parser exists), and returns a list of plugin *classes* (not instances). Each class subclasses the
+kind's base class, has a unique short ``name``, a one-line docstring summary and typed ``__init__``
+arguments, which become its YAML ``init_args``. fedlight's own built-ins register through these very
+hooks, so a third-party plugin has exactly the same powers as a built-in one.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "fedlight"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and data
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def fedlight_tasks() -> list[type]:
+    """Return :class:`fedlight.tasks.base.Task` subclasses (model, loss, metrics, collation)."""
+
+
+@hookspec
+def fedlight_datasets() -> list[type]:
+    """Return :class:`fedlight.data.base.Dataset` subclasses (offline labelled examples)."""
+
+
+@hookspec
+def fedlight_partitioners() -> list[type]:
+    """Return :class:`fedlight.partitioners.base.Partitioner` subclasses (examples -> clients)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# What trains and what travels
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def fedlight_peft_methods() -> list[type]:
+    """Return :class:`fedlight.peft.base.PeftMethod` subclasses (which tensors train and travel)."""
+
+
+@hookspec
+def fedlight_codecs() -> list[type]:
+    """Return :class:`fedlight.codecs.base.Codec` subclasses (named tensors <-> bytes)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The server side
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def fedlight_aggregators() -> list[type]:
+    """Return :class:`fedlight.aggregators.base.Aggregator` subclasses (updates -> new global)."""
+
+
+@hookspec
+def fedlight_privacy() -> list[type]:
+    """Return :class:`fedlight.privacy.base.Privacy` subclasses (client/server update transforms)."""

@@ -1,0 +1,1 @@
+"""Partitioners split training examples into per-client index lists, seeded."""

@@ -1,0 +1,28 @@
+"""The partitioner plugin kind."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fedlight.core.plugin_base import Plugin
+
+
+class Partitioner(Plugin):
+    """Base class: split example indices into ``num_clients`` disjoint lists, deterministically."""
+
+    def split(self, labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def __call__(self, labels: np.ndarray, num_clients: int, seed: int) -> list[np.ndarray]:
+        if num_clients < 1:
+            raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+        if num_clients > len(labels):
+            raise ValueError(f"num_clients ({num_clients}) exceeds the number of training examples ({len(labels)})")
+        parts = [np.sort(np.asarray(p, dtype=np.int64)) for p in self.split(np.asarray(labels), num_clients, seed)]
+        empty = [i for i, p in enumerate(parts) if len(p) == 0]
+        if empty:
+            raise ValueError(
+                f"{self.name} partitioner left clients {empty[:10]} without data; "
+                "use fewer clients or a less skewed setting"
+            )
+        return parts

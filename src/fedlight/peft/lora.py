@@ -1,0 +1,64 @@
+"""LoRA through Hugging Face peft."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import peft
+from torch import nn
+
+from fedlight.hookspecs import hookimpl
+from fedlight.peft.base import HeadMode, PeftMethod
+from fedlight.peft.targets import resolve_targets
+
+
+class LoRA(PeftMethod):
+    """Low-rank adapters (Hu et al. 2022) via HF peft, on timm and transformers models alike.
+
+    Only the adapter factors (and the head, unless frozen) train and travel; the base weights stay
+    frozen on every client. ``target`` is a preset (``attention``, ``mlp``, ``attention+mlp``,
+    ``all-linear``) or explicit module names. ``use_dora`` and ``use_rslora`` select DoRA and
+    rank-stabilised scaling; ``init`` is passed to peft's ``init_lora_weights``.
+    """
+
+    name = "lora"
+    example_args = {"r": 2, "alpha": 4}
+
+    def __init__(
+        self,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        target: str | list[str] = "attention",
+        use_dora: bool = False,
+        use_rslora: bool = False,
+        init: bool | Literal["gaussian", "pissa", "olora", "eva", "loftq"] = True,
+        head: HeadMode = "shared",
+    ) -> None:
+        super().__init__(head)
+        if r < 1:
+            raise ValueError(f"lora r must be >= 1, got {r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"lora dropout must be in [0, 1), got {dropout}")
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.target, self.use_dora, self.use_rslora, self.init = target, use_dora, use_rslora, init
+
+    def peft_config(self, model: nn.Module, head_modules: list[str]) -> peft.LoraConfig:
+        return peft.LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=resolve_targets(model, self.target, head_modules),
+            use_dora=self.use_dora,
+            use_rslora=self.use_rslora,
+            init_lora_weights=self.init,
+            modules_to_save=list(head_modules) if self.train_head else None,
+        )
+
+    def prepare(self, model: nn.Module, head_modules: list[str]) -> nn.Module:
+        return peft.get_peft_model(model, self.peft_config(model, head_modules))
+
+
+@hookimpl
+def fedlight_peft_methods() -> list[type]:
+    return [LoRA]

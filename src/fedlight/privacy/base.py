@@ -1,0 +1,31 @@
+"""The privacy plugin kind."""
+
+from __future__ import annotations
+
+import torch
+
+from fedlight.core.plugin_base import Plugin
+from fedlight.core.state import State
+from fedlight.core.update import DecodedUpdate
+
+
+class Privacy(Plugin):
+    """Base class: transforms at the three points where a mechanism can act.
+
+    ``client_transform`` runs on the client before encoding (local DP, client-side clipping);
+    ``server_transform`` runs on the decoded updates before aggregation (central clipping);
+    ``post_aggregate`` runs on the new global state (central noise). ``epsilon()`` is the privacy
+    spent so far at the mechanism's delta, or None when the mechanism gives no DP guarantee.
+    """
+
+    def client_transform(self, delta: State, generator: torch.Generator) -> State:
+        return delta
+
+    def server_transform(self, updates: list[DecodedUpdate], generator: torch.Generator) -> list[DecodedUpdate]:
+        return updates
+
+    def post_aggregate(self, old_global: State, new_global: State, num_updates: int, generator: torch.Generator) -> State:
+        return new_global
+
+    def epsilon(self) -> float | None:
+        return None

@@ -1,0 +1,1 @@
+"""Tasks: build the model, turn examples into batches, compute loss and metrics."""

@@ -1,0 +1,85 @@
+"""The task plugin kind."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from fedlight.core.plugin_base import Plugin
+from fedlight.data.base import Example
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor
+    preds: torch.Tensor
+    target: torch.Tensor
+
+
+class Task(Plugin):
+    """Base class: what model to build and how a batch becomes a loss and metrics.
+
+    ``family`` names the model family (``timm`` or ``transformers``) so PEFT methods can refuse
+    models they do not support before training starts.
+    """
+
+    family: ClassVar[str] = ""
+
+    def build_model(self, num_classes: int) -> nn.Module:
+        raise NotImplementedError
+
+    def head_modules(self, model: nn.Module) -> list[str]:
+        """Names of the task-head modules (trained under every PEFT method unless frozen)."""
+        raise NotImplementedError
+
+    def collate(self, examples: list[Example]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
+        raise NotImplementedError
+
+    def metrics(self, num_classes: int) -> MetricCollection:
+        raise NotImplementedError
+
+
+def resolve_local_path(path: str) -> Path:
+    """A local directory or file; ``package:NAME`` means the model directory a pip package ships.
+
+    Nothing here downloads: a path that does not exist is an error that says so.
+    """
+    if path.startswith("package:"):
+        module_name = path.split(":", 1)[1]
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError:
+            raise FileNotFoundError(
+                f"model package {module_name!r} is not installed; pip install it or point "
+                "model_name_or_path at a local directory"
+            ) from None
+        getter = getattr(module, "get_model_path", None)
+        resolved = Path(getter()) if callable(getter) else Path(module.__file__).parent / "model"
+    else:
+        resolved = Path(path).expanduser()
+    if not resolved.exists():
+        raise FileNotFoundError(
+            f"model path {str(resolved)!r} does not exist; fedlight never downloads from a hub, so give a "
+            "local directory (e.g. one written by save_pretrained) or package:<installed package>"
+        )
+    return resolved
+
+
+def classification_metrics(num_classes: int) -> MetricCollection:
+    """Accuracy and macro-F1, the metrics every classification task reports."""
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "f1": MulticlassF1Score(num_classes, average="macro"),
+        }
+    )

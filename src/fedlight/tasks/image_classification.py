@@ -1,0 +1,108 @@
+"""Image classification with timm."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+
+from fedlight.data.base import Example
+from fedlight.hookspecs import hookimpl
+from fedlight.tasks.base import StepOutput, Task, classification_metrics, resolve_local_path
+
+
+def load_state_file(path) -> dict[str, torch.Tensor]:
+    """Weights from safetensors, or a torch file loaded with ``weights_only=True`` (never pickle)."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    return state
+
+
+class ImageClassification(Task):
+    """Image classification with any timm model, random-initialised or from a local checkpoint.
+
+    ``model`` is a timm architecture name (``timm.list_models()``), built with ``pretrained=False``
+    so nothing is downloaded; ``checkpoint_path`` loads local weights (safetensors or a torch state
+    dict) except a classifier whose shape differs. Images are resized to ``image_size`` and grey
+    images are repeated to ``in_chans`` channels.
+    """
+
+    name = "image_classification"
+    family = "timm"
+    example_args = {"model": "vit_tiny_patch16_224", "image_size": 16, "model_kwargs": {"patch_size": 8, "depth": 2}}
+
+    def __init__(
+        self,
+        model: str = "resnet18",
+        checkpoint_path: str | None = None,
+        image_size: int | None = None,
+        in_chans: int = 3,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        import timm
+
+        if not timm.is_model(model):
+            close = timm.list_models(f"*{model.split('_')[0]}*")[:10]
+            raise ValueError(f"unknown timm model {model!r}; similar names: {close}")
+        self.model_name = model
+        self.checkpoint_path = resolve_local_path(checkpoint_path) if checkpoint_path else None
+        self.image_size = image_size
+        self.in_chans = in_chans
+        self.model_kwargs = dict(model_kwargs or {})
+
+    def build_model(self, num_classes: int) -> nn.Module:
+        import timm
+
+        model = timm.create_model(
+            self.model_name, pretrained=False, num_classes=num_classes, in_chans=self.in_chans, **self.model_kwargs
+        )
+        if self.checkpoint_path is not None:
+            own = model.state_dict()
+            loaded = load_state_file(self.checkpoint_path)
+            usable = {k: v for k, v in loaded.items() if k in own and own[k].shape == v.shape}
+            missing = [k for k in own if k not in usable]
+            head = self.head_modules(model)
+            not_head = [k for k in missing if not any(k.startswith(h + ".") for h in head)]
+            if not_head:
+                raise ValueError(
+                    f"checkpoint {self.checkpoint_path} does not fit {self.model_name}: "
+                    f"{len(not_head)} backbone tensors missing or mis-shaped, e.g. {not_head[:5]}"
+                )
+            model.load_state_dict(usable, strict=False)
+        return model
+
+    def head_modules(self, model: nn.Module) -> list[str]:
+        classifier = model.pretrained_cfg.get("classifier", "head") if hasattr(model, "pretrained_cfg") else "head"
+        heads = [classifier] if isinstance(classifier, str) else list(classifier)
+        names = {n for n, _ in model.named_modules()}
+        return [h for h in heads if h in names]
+
+    def collate(self, examples: list[Example]) -> dict[str, Any]:
+        images = torch.stack([torch.as_tensor(e["image"], dtype=torch.float32) for e in examples])
+        if images.shape[1] == 1 and self.in_chans != 1:
+            images = images.expand(-1, self.in_chans, -1, -1)
+        if self.image_size is not None and images.shape[-1] != self.image_size:
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return {"images": images.contiguous(), "labels": torch.tensor([int(e["label"]) for e in examples])}
+
+    def step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
+        logits = model(batch["images"])
+        return StepOutput(F.cross_entropy(logits, batch["labels"]), logits.argmax(-1), batch["labels"])
+
+    def metrics(self, num_classes: int) -> MetricCollection:
+        return classification_metrics(num_classes)
+
+
+@hookimpl
+def fedlight_tasks() -> list[type]:
+    return [ImageClassification]
