@@ -80,17 +80,26 @@ def _make_cli_class():
             parser.add_lightning_class_args(FederatedRound, "federation")
             parser.link_arguments("federation.rounds", "trainer.max_epochs")
 
+        def instantiate_trainer(self, **kwargs: Any):
+            """Swap Lightning's default TQDM bar for one that shows rounds, clients, MB and epsilon."""
+            from lightning.pytorch.callbacks import TQDMProgressBar
+
+            from fedlight.core.progress import FederatedProgressBar
+
+            trainer = super().instantiate_trainer(**kwargs)
+            for i, callback in enumerate(trainer.callbacks):
+                if type(callback) is TQDMProgressBar:
+                    trainer.callbacks[i] = FederatedProgressBar()
+            return trainer
+
     return FedlightCLI
 
 
 def trainer_defaults() -> dict[str, Any]:
-    from fedlight.core.progress import FederatedProgressBar
-
     return {
         "reload_dataloaders_every_n_epochs": 1,  # each round has its own client batches
         "num_sanity_val_steps": 0,
         "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
-        "callbacks": [FederatedProgressBar()],
         "enable_model_summary": False,
     }
 

@@ -15,9 +15,14 @@ class Codec(Plugin):
     Subclasses implement :meth:`to_buffers` / :meth:`from_buffers`; framing, validation and the
     pickle-free format live in :mod:`fedlight.codecs.wire`, written once. ``max_rel_error`` is the
     documented bound on ``|decode(encode(x)) - x| / max|x|`` the contract test checks.
+    ``error_feedback`` (used on the uplink) makes the client pipeline carry what the codec lost
+    into the next round, for any lossy codec (Seide et al. 2014; Karimireddy et al. 2019).
     """
 
     max_rel_error: ClassVar[float] = 0.0
+
+    def __init__(self, error_feedback: bool = False) -> None:
+        self.error_feedback = error_feedback
 
     def encode(self, state: State) -> bytes:
         return wire.pack(self.to_buffers(state), {"codec": self.name, **self.wire_params()})

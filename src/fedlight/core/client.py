@@ -9,9 +9,14 @@ from __future__ import annotations
 import torch
 
 from fedlight.codecs.base import Codec
-from fedlight.core.state import State, subtract
+from fedlight.core.state import State, add, subtract
 from fedlight.core.update import ClientUpdate
 from fedlight.privacy.base import Privacy
+
+
+#: one client's persistent state between rounds, by purpose: "local" (tensors that never leave the
+#: client), "residual" (codec error feedback), and whatever client-side methods need (e.g. "control")
+ClientState = dict[str, State]
 
 
 class ClientPipeline:
@@ -31,7 +36,21 @@ class ClientPipeline:
         trained: State,
         num_examples: int,
         generator: torch.Generator,
+        client_state: ClientState,
         metrics: dict[str, float] | None = None,
     ) -> ClientUpdate:
+        """Delta -> privacy -> (error feedback) -> encode.
+
+        ``client_state`` is this client's entry in the client-state store; a lossy codec with
+        ``error_feedback`` keeps its residual there (``"residual"``), so what was lost this round is
+        sent next round and the transmitted sum tracks the true sum.
+        """
         delta = self.privacy.client_transform(subtract(trained, start), generator)
-        return ClientUpdate(client_id, num_examples, self.uplink.encode(delta), dict(metrics or {}))
+        if self.uplink.error_feedback:
+            residual = client_state.get("residual")
+            corrected = delta if residual is None else add(delta, residual)
+            payload = self.uplink.encode(corrected)
+            client_state["residual"] = subtract(corrected, self.uplink.decode(payload))
+        else:
+            payload = self.uplink.encode(delta)
+        return ClientUpdate(client_id, num_examples, payload, dict(metrics or {}))

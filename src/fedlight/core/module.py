@@ -45,6 +45,7 @@ class FederatedModule(pl.LightningModule):
             return
         model = self.task.build_model(num_classes)
         self.model = self.peft.apply(model, self.task.family, self.task.head_modules(model))
+        self.model.train()  # from_pretrained returns eval mode; clients train with dropout on
         self.num_classes = num_classes
         self.val_metrics = self.task.metrics(num_classes).clone(prefix="val_")
         self.test_metrics = self.task.metrics(num_classes).clone(prefix="test_")

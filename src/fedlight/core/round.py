@@ -23,7 +23,7 @@ from fedlight.aggregators.base import Aggregator
 from fedlight.aggregators.fedavg import FedAvg
 from fedlight.codecs.base import Codec
 from fedlight.codecs.identity import IdentityCodec
-from fedlight.core.client import ClientPipeline
+from fedlight.core.client import ClientPipeline, ClientState
 from fedlight.core.datamodule import FederatedDataModule, resolve_seed
 from fedlight.core.module import FederatedModule
 from fedlight.core.plan import RoundPlan, plan_round
@@ -35,6 +35,8 @@ from fedlight.privacy.none import NoPrivacy
 
 MB = 1e6
 ROUNDS_CSV = "rounds.csv"
+#: leading columns of rounds.csv; task metrics (val_*) and others follow in first-seen order
+CSV_COLUMNS = ("round", "num_clients", "rejected", "uplink_bytes", "downlink_bytes", "cumulative_mb", "train_loss")
 
 
 def _generator(seed: int, round_idx: int, stream: int) -> torch.Generator:
@@ -93,7 +95,7 @@ class FederatedRound(pl.Callback):
         # run state (checkpointed)
         self.global_state: State | None = None
         self.initial_local: State = {}
-        self.client_store: dict[int, State] = {}
+        self.client_store: dict[int, ClientState] = {}
         self.history: list[dict[str, Any]] = []
         # per-round scratch
         self.plan: RoundPlan | None = None
@@ -196,7 +198,7 @@ class FederatedRound(pl.Callback):
         self.round_downlink += len(self._payload)
         peft, model = pl_module.peft, pl_module.model
         peft.set_state(model, self._client_start)
-        peft.set_state(model, self.client_store.get(client_id, self.initial_local))
+        peft.set_state(model, self.client_store.get(client_id, {}).get("local", self.initial_local))
         for optimizer in trainer.optimizers:  # every client starts with fresh optimizer state
             optimizer.state.clear()
 
@@ -211,11 +213,12 @@ class FederatedRound(pl.Callback):
             trained,
             num_examples=self._dm.client_sizes[client_id],
             generator=_generator(resolve_seed(self.seed), self.plan.round, 1000 + client_id),
+            client_state=self.client_store.setdefault(client_id, {}),
             metrics={"train_loss": mean_loss},
         )
         self.updates.append(update)
         if pl_module.local_names:
-            self.client_store[client_id] = peft.get_state(model, pl_module.local_names)
+            self.client_store[client_id]["local"] = peft.get_state(model, pl_module.local_names)
         self._round_losses.extend(self._client_losses)
         self._client_losses = []
         self.clients_done += 1
@@ -262,7 +265,7 @@ class FederatedRound(pl.Callback):
             self._write_csv(self.log_dir(trainer) / ROUNDS_CSV)
 
     def _write_csv(self, path: Path) -> None:
-        columns: list[str] = []
+        columns: list[str] = list(CSV_COLUMNS)
         for r in self.history:
             columns.extend(k for k in r if k not in columns)
         tmp = path.with_suffix(".csv.tmp")
