@@ -106,6 +106,7 @@ def run_fit(cfg: dict[str, Any], tmp_path: Path, subcommand: str = "fit"):
     """Run the real CLI on a config written to disk; returns the LightningCLI object."""
     from fedlight.cli import run_cli
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"config-{len(list(tmp_path.glob('config-*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return run_cli([subcommand, "--config", str(path)])
@@ -115,3 +116,30 @@ def round_callback(cli):
     from fedlight.core.round import FederatedRound
 
     return next(c for c in cli.trainer.callbacks if isinstance(c, FederatedRound))
+
+
+def build_cli(cfg: dict[str, Any], tmp_path: Path):
+    """Instantiate model, data and trainer from a config without running (``run=False``)."""
+    from fedlight.cli import run_cli
+
+    path = tmp_path / "config-build.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return run_cli(["--config", str(path)], run=False)
+
+
+def read_rounds(tmp_path: Path) -> list[dict[str, str]]:
+    import csv
+
+    (path,) = list((tmp_path / "runs").rglob("rounds.csv"))
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def registry_with_entry_points():
+    """The process registry rebuilt with entry points, restored afterwards."""
+    from fedlight import plugins
+
+    plugins.set_registry(plugins.build_registry(autoload=True))
+    yield plugins.get_registry()
+    plugins.set_registry(None)

@@ -124,9 +124,10 @@ def run_cli(args: list[str] | None = None, run: bool = True):
     )
 
 
-def print_plugins(stream=sys.stdout) -> None:
+def print_plugins(stream=None) -> None:
     from fedlight.plugins import KINDS, get_registry
 
+    stream = stream or sys.stdout
     registry = get_registry()
     for kind in KINDS:
         print(f"{kind}:", file=stream)

@@ -1,0 +1,30 @@
+"""A FedAvg variant with a server learning rate, shipped as a third-party plugin."""
+
+from __future__ import annotations
+
+from fedlight.aggregators.base import Aggregator
+from fedlight.core.state import State, add, weighted_sum
+from fedlight.core.update import DecodedUpdate
+from fedlight.hookspecs import hookimpl
+
+
+class ServerLRFedAvg(Aggregator):
+    """FedAvg with a server step size: global + server_lr * example-weighted mean delta."""
+
+    name = "server_lr_fedavg"
+    example_args = {"server_lr": 0.5}
+
+    def __init__(self, server_lr: float = 1.0) -> None:
+        if server_lr <= 0:
+            raise ValueError(f"server_lr must be > 0, got {server_lr}")
+        self.server_lr = server_lr
+
+    def aggregate(self, global_state: State, updates: list[DecodedUpdate]) -> State:
+        total = sum(u.num_examples for u in updates)
+        step = weighted_sum((u.delta for u in updates), (self.server_lr * u.num_examples / total for u in updates))
+        return add(global_state, step)
+
+
+@hookimpl
+def fedlight_aggregators() -> list[type]:
+    return [ServerLRFedAvg]
