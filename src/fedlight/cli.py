@@ -80,6 +80,17 @@ def _make_cli_class():
             parser.add_lightning_class_args(FederatedRound, "federation")
             parser.link_arguments("federation.rounds", "trainer.max_epochs")
 
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI reads --ckpt_path before anything is built; check it first so a torn,
+            # unsafe or missing checkpoint fails with fedlight's message instead of a torch traceback
+            from fedlight.core.checkpoint import AtomicCheckpointIO
+
+            subcommand = self.config.get("subcommand")
+            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if ckpt_path:
+                AtomicCheckpointIO().load_checkpoint(ckpt_path)
+            super()._parse_ckpt_path()
+
         def instantiate_trainer(self, **kwargs: Any):
             """Swap Lightning's default TQDM bar for one that shows rounds, clients, MB and epsilon."""
             from lightning.pytorch.callbacks import TQDMProgressBar
@@ -101,6 +112,7 @@ def trainer_defaults() -> dict[str, Any]:
         "num_sanity_val_steps": 0,
         "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
         "enable_model_summary": False,
+        "enable_checkpointing": False,  # fedlight writes its own round checkpoints (federation.checkpoint_every)
     }
 
 
@@ -145,10 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["plugins"]:
         print_plugins()
         return 0
+    from fedlight.core.checkpoint import CheckpointError
+    from fedlight.plugins import PluginError
+
     try:
         run_cli(argv)
-    except ConfigError as err:
-        print(f"fedlight: configuration error: {err}", file=sys.stderr)
+    except (ConfigError, PluginError, CheckpointError) as err:
+        print(f"fedlight: error: {err}", file=sys.stderr)
         return 2
     return 0
 

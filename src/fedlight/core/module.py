@@ -37,6 +37,8 @@ class FederatedModule(pl.LightningModule):
         self.weight_decay = weight_decay
         self.model: torch.nn.Module | None = None
         self.num_classes: int | None = None
+        # round checkpoints omit the frozen backbone (rebuilt from its source), see on_save_checkpoint
+        self.strict_loading = False
 
     # --- building -------------------------------------------------------------------------------
 
@@ -108,6 +110,13 @@ class FederatedModule(pl.LightningModule):
             count += len(out.target)
         self.model.train(was_training)
         return {f"{prefix}loss": total / max(count, 1), **{k: float(v) for k, v in metrics.compute().items()}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep trainable tensors and buffers; drop frozen parameters unless the method merges into them."""
+        if self.peft.merges_into_base:
+            return
+        frozen = {f"model.{n}" for n in self.frozen_names()}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]

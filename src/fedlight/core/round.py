@@ -23,6 +23,7 @@ from fedlight.aggregators.base import Aggregator
 from fedlight.aggregators.fedavg import FedAvg
 from fedlight.codecs.base import Codec
 from fedlight.codecs.identity import IdentityCodec
+from fedlight.core.checkpoint import AtomicCheckpointIO, CheckpointError, atomic_copy, capture_rng, restore_rng
 from fedlight.core.client import ClientPipeline, ClientState
 from fedlight.core.datamodule import FederatedDataModule, resolve_seed
 from fedlight.core.module import FederatedModule
@@ -57,6 +58,8 @@ class FederatedRound(pl.Callback):
         privacy: privacy mechanism (``none`` by default).
         seed: sampling seed; defaults to ``seed_everything``'s seed.
         eval_before_training: evaluate the initial global model as round 0.
+        checkpoint_every: write a resumable round checkpoint every N rounds and after the last one
+            (``<log dir>/checkpoints/round-NNNN.ckpt`` and ``last.ckpt``); 0 disables.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class FederatedRound(pl.Callback):
         privacy: Privacy = lazy_instance(NoPrivacy),
         seed: int | None = None,
         eval_before_training: bool = True,
+        checkpoint_every: int = 1,
     ) -> None:
         if rounds < 1:
             raise ValueError(f"federation.rounds must be >= 1, got {rounds}")
@@ -82,7 +86,10 @@ class FederatedRound(pl.Callback):
             raise ValueError(f"federation.local_steps must be >= 1, got {local_steps}")
         if local_epochs is not None and local_epochs <= 0:
             raise ValueError(f"federation.local_epochs must be > 0, got {local_epochs}")
+        if checkpoint_every < 0:
+            raise ValueError(f"federation.checkpoint_every must be >= 0, got {checkpoint_every}")
         self.rounds = rounds
+        self.checkpoint_every = checkpoint_every
         self.clients_per_round = clients_per_round
         self.local_steps = local_steps
         self.local_epochs = local_epochs
@@ -134,6 +141,7 @@ class FederatedRound(pl.Callback):
         )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if stage != "fit":
             return
         dm = trainer.datamodule
@@ -165,7 +173,24 @@ class FederatedRound(pl.Callback):
         if self.global_state is None:  # a fresh run; on resume load_state_dict already set it
             self.global_state = pl_module.peft.get_state(pl_module.model, pl_module.shared_names)
             self.initial_local = pl_module.peft.get_state(pl_module.model, pl_module.local_names)
+        else:
+            self._check_resumed_state(pl_module)
 
+    def _check_resumed_state(self, pl_module: FederatedModule) -> None:
+        """A checkpoint from another config fails here, before any round runs or anything is written."""
+        params = dict(pl_module.model.named_parameters())
+        if list(self.global_state) != pl_module.shared_names:
+            raise CheckpointError(
+                "checkpoint does not match this config: it ships tensors "
+                f"{sorted(set(self.global_state) ^ set(pl_module.shared_names))[:5]} that this model does not "
+                "(different peft method, targets or model?); resume with the config that wrote it"
+            )
+        for name, value in self.global_state.items():
+            if value.shape != params[name].shape:
+                raise CheckpointError(
+                    f"checkpoint does not match this config: {name} has shape {tuple(value.shape)}, "
+                    f"the model has {tuple(params[name].shape)}"
+                )
     def on_train_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
         if trainer.current_epoch == 0 and not self.history and self.eval_before_training:
             loader = self._dm.val_dataloader()
@@ -252,6 +277,12 @@ class FederatedRound(pl.Callback):
         }
         self._append_row(trainer, row)
         self.updates, self.round_downlink = [], 0  # now counted in history
+        last = self.plan.round == self.rounds
+        if self.checkpoint_every and (self.plan.round % self.checkpoint_every == 0 or last):
+            directory = self.log_dir(trainer) / "checkpoints"
+            path = directory / f"round-{self.plan.round:04d}.ckpt"
+            trainer.save_checkpoint(path)
+            atomic_copy(path, directory / "last.ckpt")
 
     def _append_row(self, trainer: pl.Trainer, row: dict[str, Any]) -> None:
         row.setdefault("uplink_bytes", 0)
@@ -307,6 +338,8 @@ class FederatedRound(pl.Callback):
             "history": self.history,
             "aggregator": self.aggregator.state_dict(),
             "privacy": self.privacy.state_dict(),
+            "codecs": {"uplink": self.client.uplink.state_dict(), "downlink": self.client.downlink.state_dict()},
+            "rng": capture_rng(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -316,3 +349,6 @@ class FederatedRound(pl.Callback):
         self.history = state["history"]
         self.aggregator.load_state_dict(state["aggregator"])
         self.privacy.load_state_dict(state["privacy"])
+        self.client.uplink.load_state_dict(state["codecs"]["uplink"])
+        self.client.downlink.load_state_dict(state["codecs"]["downlink"])
+        restore_rng(state["rng"])

@@ -1,0 +1,74 @@
+"""Round checkpoints: atomic writes, pickle-free loads, RNG states Lightning does not save.
+
+A round checkpoint is an ordinary Lightning checkpoint (so ``fedlight fit --ckpt_path`` resumes it)
+whose module state holds only trainable tensors and buffers (the frozen backbone is rebuilt from its
+source), and whose ``FederatedRound`` state holds the global state, client-state store, plugin
+states, run history and the RNG states at the end of the round.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is corrupt, unsafe or does not match the run's config."""
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to a temporary file and ``os.replace`` it, so a kill never leaves a torn checkpoint;
+    load with ``weights_only=True`` so a checkpoint can never run code."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except Exception as err:  # torch raises several types for torn or hostile files
+            raise CheckpointError(
+                f"checkpoint {path} could not be loaded safely ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                "it is corrupt, truncated or contains objects that need pickle, which fedlight refuses"
+            ) from None
+
+
+def atomic_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def capture_rng() -> dict[str, Any]:
+    """RNG states as tensors and plain values (loadable with ``weights_only=True``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
