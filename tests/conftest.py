@@ -43,6 +43,62 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
     return out
 
 
+EOS, PAD = "<|endoftext|>", "<pad>"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|user|>{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _sentences(limit: int = 400) -> list[str]:
+    from fedlight.data.instructions import ChatterbotDialogue
+
+    out: list[str] = []
+    for _, prompt, response in ChatterbotDialogue().pairs():
+        out.extend([prompt, response])
+    colors = "red green blue yellow black white orange purple".split()
+    return out[:limit] + [f"name a {c} thing. a {c} cat is {c}." for c in colors] + ["¿Qué tal? 你好 😀"]
+
+
+def _save_tokenizer(out: Path, chat_template: str | None = None) -> int:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=[EOS, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(_sentences(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=PAD)
+    if chat_template:
+        fast.chat_template = chat_template
+    fast.save_pretrained(out)
+    return len(fast)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random GPT-2 with a byte-level BPE trained offline on chatterbot text."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    out = tmp_path_factory.mktemp("tiny-gpt2")
+    vocab = _save_tokenizer(out)
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=128, vocab_size=vocab, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_chat_dir(tmp_path_factory, tiny_gpt2_dir) -> Path:
+    out = tmp_path_factory.mktemp("tiny-gpt2-chat")
+    shutil.copy(tiny_gpt2_dir / "config.json", out / "config.json")
+    _save_tokenizer(out, CHAT_TEMPLATE)
+    return out
+
+
 TINY_VIT = {
     "class_path": "image_classification",
     "init_args": {

@@ -16,7 +16,7 @@ def _class_name(node) -> str:
     return (node.get("class_path") if isinstance(node, dict) else node) or ""
 
 
-def shrink(cfg: dict, tmp_path: Path, tiny_bert_dir: Path) -> dict:
+def shrink(cfg: dict, tmp_path: Path, tiny_bert_dir: Path, tiny_gpt2_dir: Path) -> dict:
     """Tiny overrides that keep the config's plugins but make it run in seconds."""
     cfg = merge(
         cfg,
@@ -34,15 +34,21 @@ def shrink(cfg: dict, tmp_path: Path, tiny_bert_dir: Path) -> dict:
     task = cfg["model"]["task"]
     if _class_name(task) == "text_classification":
         task.setdefault("init_args", {})["model_name_or_path"] = str(tiny_bert_dir)
+    if _class_name(task) == "causal_lm":
+        task["init_args"].update(
+            model_name_or_path=str(tiny_gpt2_dir), max_length=32, max_new_tokens=4, generate_max_examples=4
+        )
     dataset = cfg["data"]["dataset"]
     if _class_name(dataset) == "chatterbot":
         dataset.setdefault("init_args", {})["max_per_class"] = 10
+    if _class_name(dataset) == "chatterbot_dialogue":
+        dataset.setdefault("init_args", {})["max_pairs"] = 40
     return cfg
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(p.parents[1])) for p in CONFIGS])
-def test_config_runs_one_round(path, tmp_path, tiny_bert_dir):
-    cfg = shrink(yaml.safe_load(path.read_text()), tmp_path, tiny_bert_dir)
+def test_config_runs_one_round(path, tmp_path, tiny_bert_dir, tiny_gpt2_dir):
+    cfg = shrink(yaml.safe_load(path.read_text()), tmp_path, tiny_bert_dir, tiny_gpt2_dir)
     fed = round_callback(run_fit(cfg, tmp_path))
     assert fed.history[-1]["round"] == 1
     assert fed.history[-1]["num_clients"] == 1

@@ -49,6 +49,7 @@ class FederatedModule(pl.LightningModule):
         self.model = self.peft.apply(model, self.task.family, self.task.head_modules(model))
         self.model.train()  # from_pretrained returns eval mode; clients train with dropout on
         self.num_classes = num_classes
+        self.last_samples: list[tuple[str, str, str]] = []
         self.val_metrics = self.task.metrics(num_classes).clone(prefix="val_")
         self.test_metrics = self.task.metrics(num_classes).clone(prefix="test_")
 
@@ -84,9 +85,19 @@ class FederatedModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val_")
 
+    def generation_metrics(self, prefix: str = "val_") -> dict[str, float]:
+        """Generative metrics of the current model on the validation split (empty for non-generative tasks)."""
+        result = self.task.generate_eval(self.model, list(self.trainer.datamodule.splits.val))
+        if result is None:
+            return {}
+        self.last_samples = result.samples
+        return {f"{prefix}{k}": v for k, v in result.metrics.items()}
+
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
         self.val_metrics.reset()
+        if not self.trainer.sanity_checking:
+            self.log_dict(self.generation_metrics())
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, "test_")
@@ -108,8 +119,10 @@ class FederatedModule(pl.LightningModule):
             metrics.update(out.preds, out.target)
             total += float(out.loss) * len(out.target)
             count += len(out.target)
+        results = {f"{prefix}loss": total / max(count, 1), **{k: float(v) for k, v in metrics.compute().items()}}
+        results.update(self.generation_metrics(prefix))
         self.model.train(was_training)
-        return {f"{prefix}loss": total / max(count, 1), **{k: float(v) for k, v in metrics.compute().items()}}
+        return results
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep trainable tensors and buffers; drop frozen parameters unless the method merges into them."""

@@ -9,6 +9,7 @@ round end   : server pipeline -> new global state, loaded before validation; a r
 from __future__ import annotations
 
 import csv
+import json
 import os
 import time
 from pathlib import Path
@@ -195,6 +196,7 @@ class FederatedRound(pl.Callback):
         if trainer.current_epoch == 0 and not self.history and self.eval_before_training:
             loader = self._dm.val_dataloader()
             self._append_row(trainer, {"round": 0, "num_clients": 0, **pl_module.evaluate(loader)})
+            self._write_samples(trainer, pl_module, 0)
 
     # --- round -------------------------------------------------------------------------------------
 
@@ -276,6 +278,7 @@ class FederatedRound(pl.Callback):
             "round_time_s": round(time.perf_counter() - self._round_start, 3),
         }
         self._append_row(trainer, row)
+        self._write_samples(trainer, pl_module, self.plan.round)
         self.updates, self.round_downlink = [], 0  # now counted in history
         last = self.plan.round == self.rounds
         if self.checkpoint_every and (self.plan.round % self.checkpoint_every == 0 or last):
@@ -294,6 +297,16 @@ class FederatedRound(pl.Callback):
             r["cumulative_mb"] = round(cumulative / MB, 6)
         if trainer.is_global_zero:
             self._write_csv(self.log_dir(trainer) / ROUNDS_CSV)
+
+    def _write_samples(self, trainer: pl.Trainer, pl_module: FederatedModule, round_idx: int) -> None:
+        """A few generations of the global model per round, for a person to read (generative tasks)."""
+        samples = getattr(pl_module, "last_samples", None)
+        if not samples or not trainer.is_global_zero:
+            return
+        with (self.log_dir(trainer) / "samples.jsonl").open("a", encoding="utf-8") as f:
+            for prompt, generation, reference in samples:
+                record = {"round": round_idx, "prompt": prompt, "generation": generation, "reference": reference}
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def _write_csv(self, path: Path) -> None:
         columns: list[str] = list(CSV_COLUMNS)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -21,6 +21,14 @@ class StepOutput:
     loss: torch.Tensor
     preds: torch.Tensor
     target: torch.Tensor
+
+
+@dataclass
+class GenerationEval:
+    """Generative metrics of a model plus a few (prompt, generation, reference) samples to read."""
+
+    metrics: dict[str, float]
+    samples: list[tuple[str, str, str]] = field(default_factory=list)
 
 
 class Task(Plugin):
@@ -47,6 +55,10 @@ class Task(Plugin):
 
     def metrics(self, num_classes: int) -> MetricCollection:
         raise NotImplementedError
+
+    def generate_eval(self, model: nn.Module, examples: list[Example]) -> GenerationEval | None:
+        """Generation-based metrics of the global model on validation examples; None when not generative."""
+        return None
 
 
 def resolve_local_path(path: str) -> Path:
