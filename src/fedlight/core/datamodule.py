@@ -64,7 +64,7 @@ class RoundBatchSampler(Sampler[list[tuple[int, int]]]):
         return self.plan.total_steps
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for client, steps in zip(self.plan.clients, self.plan.steps):
+        for client, steps in zip(self.plan.training, self.plan.steps):
             indices = self.client_indices[client]
             rng = np.random.default_rng([self.seed, self.plan.round, client])
             size = min(self.batch_size, len(indices))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 from typing import Any
 
 import lightning.pytorch as pl
@@ -37,6 +38,8 @@ class FederatedModule(pl.LightningModule):
         self.weight_decay = weight_decay
         self.model: torch.nn.Module | None = None
         self.num_classes: int | None = None
+        self.skip_client: int | None = None  # a client that raised: its remaining batches are skipped
+        self._client_error: str | None = None
         # round checkpoints omit the frozen backbone (rebuilt from its source), see on_save_checkpoint
         self.strict_loading = False
 
@@ -72,10 +75,25 @@ class FederatedModule(pl.LightningModule):
 
     # --- steps ----------------------------------------------------------------------------------
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        out = self.task.step(self.model, batch)
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        """One local step; a client whose step raises is isolated (None skips the optimizer step)."""
+        client = int(batch["client_id"][0]) if "client_id" in batch else None
+        if client is not None and client == self.skip_client:
+            return None
+        try:
+            out = self.task.step(self.model, batch)
+        except Exception:
+            if client is None:
+                raise
+            self.skip_client, self._client_error = client, traceback.format_exc()
+            return None
         self.log("train_loss", out.loss, prog_bar=True, batch_size=len(out.target))
         return out.loss
+
+    def pop_client_error(self) -> str | None:
+        """The traceback of the last client step that raised, once."""
+        error, self._client_error = self._client_error, None
+        return error
 
     def _eval_step(self, batch: dict[str, Any], metrics, prefix: str) -> None:
         out = self.task.step(self.model, batch)

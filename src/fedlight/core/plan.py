@@ -11,9 +11,19 @@ import numpy as np
 
 @dataclass(frozen=True)
 class RoundPlan:
+    """A round, decided up front: who is sampled, who trains for how long, whose update will be lost.
+
+    ``training`` are the sampled clients that train (with ``steps`` local steps each, same order);
+    ``dropped_before`` never start; ``lost`` train but their update never arrives (dropout after
+    training, or a straggler past the deadline under the ``drop`` policy).
+    """
+
     round: int  # 1-based round index
     clients: tuple[int, ...]
-    steps: tuple[int, ...]  # local optimisation steps of each sampled client, same order
+    training: tuple[int, ...]
+    steps: tuple[int, ...]
+    dropped_before: tuple[int, ...] = ()
+    lost: tuple[int, ...] = ()
 
     @property
     def total_steps(self) -> int:
@@ -28,11 +38,19 @@ def plan_round(
     batch_size: int,
     local_steps: int | None,
     local_epochs: float | None,
+    dropout_before: float = 0.0,
+    dropout_after: float = 0.0,
+    deadline_steps: int | None = None,
+    straggler_policy: str = "partial",
 ) -> RoundPlan:
     """Seeded sampling without replacement; depends only on its arguments, so it is resumable.
 
     With ``local_steps`` every client takes that many steps; with ``local_epochs`` client k takes
     ``ceil(local_epochs * n_k / batch_size)`` steps, so larger clients train longer (as in FedAvg).
+    A client needing more than ``deadline_steps`` is a straggler: under ``partial`` it sends what it
+    has after ``deadline_steps`` steps, under ``drop`` its update is lost. Lightning cannot run an
+    epoch without batches, so when every sampled client drops before training the first one still
+    runs one step whose update is discarded (it is listed in ``lost``).
     """
     num_clients = len(client_sizes)
     if not 1 <= clients_per_round <= num_clients:
@@ -40,8 +58,25 @@ def plan_round(
     rng = np.random.default_rng([seed, round_idx])
     clients = tuple(int(c) for c in np.sort(rng.choice(num_clients, size=clients_per_round, replace=False)))
     if local_steps is not None:
-        steps = tuple(local_steps for _ in clients)
+        wanted = {c: local_steps for c in clients}
     else:
         assert local_epochs is not None
-        steps = tuple(max(1, math.ceil(local_epochs * client_sizes[c] / batch_size)) for c in clients)
-    return RoundPlan(round_idx, clients, steps)
+        wanted = {c: max(1, math.ceil(local_epochs * client_sizes[c] / batch_size)) for c in clients}
+    before = rng.random(len(clients)) < dropout_before
+    after = rng.random(len(clients)) < dropout_after
+    dropped_before = tuple(c for c, b in zip(clients, before) if b)
+    training = [c for c in clients if c not in dropped_before]
+    lost = [c for c, a in zip(clients, after) if a and c in training]
+    if deadline_steps is not None:
+        late = [c for c in training if wanted[c] > deadline_steps]
+        if straggler_policy == "drop":
+            lost.extend(c for c in late if c not in lost)
+        else:
+            wanted.update({c: deadline_steps for c in late})
+    if not training:
+        training, wanted[clients[0]] = [clients[0]], 1
+        dropped_before = tuple(c for c in dropped_before if c != clients[0])
+        lost.append(clients[0])
+    return RoundPlan(
+        round_idx, clients, tuple(training), tuple(wanted[c] for c in training), dropped_before, tuple(sorted(lost))
+    )

@@ -18,7 +18,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from jsonargparse import lazy_instance
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from fedlight.aggregators.base import Aggregator
 from fedlight.aggregators.fedavg import FedAvg
@@ -27,6 +27,7 @@ from fedlight.codecs.identity import IdentityCodec
 from fedlight.core.checkpoint import AtomicCheckpointIO, CheckpointError, atomic_copy, capture_rng, restore_rng
 from fedlight.core.client import ClientPipeline, ClientState
 from fedlight.core.datamodule import FederatedDataModule, resolve_seed
+from fedlight.core.faults import ClientFaults, TooFewClientsError
 from fedlight.core.module import FederatedModule
 from fedlight.core.plan import RoundPlan, plan_round
 from fedlight.core.server import ServerPipeline
@@ -38,7 +39,7 @@ from fedlight.privacy.none import NoPrivacy
 MB = 1e6
 ROUNDS_CSV = "rounds.csv"
 #: leading columns of rounds.csv; task metrics (val_*) and others follow in first-seen order
-CSV_COLUMNS = ("round", "num_clients", "rejected", "uplink_bytes", "downlink_bytes", "cumulative_mb", "train_loss")
+CSV_COLUMNS = ("round", "num_clients", "rejected", "dropped", "failed", "uplink_bytes", "downlink_bytes", "cumulative_mb", "train_loss")
 
 
 def _generator(seed: int, round_idx: int, stream: int) -> torch.Generator:
@@ -61,6 +62,8 @@ class FederatedRound(pl.Callback):
         eval_before_training: evaluate the initial global model as round 0.
         checkpoint_every: write a resumable round checkpoint every N rounds and after the last one
             (``<log dir>/checkpoints/round-NNNN.ckpt`` and ``last.ckpt``); 0 disables.
+        faults: simulated dropouts and stragglers, and the minimum number of updates per round.
+        max_update_norm: reject (and count) updates whose L2 norm exceeds this bound.
     """
 
     def __init__(
@@ -76,6 +79,8 @@ class FederatedRound(pl.Callback):
         seed: int | None = None,
         eval_before_training: bool = True,
         checkpoint_every: int = 1,
+        faults: ClientFaults | None = None,
+        max_update_norm: float | None = None,
     ) -> None:
         if rounds < 1:
             raise ValueError(f"federation.rounds must be >= 1, got {rounds}")
@@ -89,15 +94,21 @@ class FederatedRound(pl.Callback):
             raise ValueError(f"federation.local_epochs must be > 0, got {local_epochs}")
         if checkpoint_every < 0:
             raise ValueError(f"federation.checkpoint_every must be >= 0, got {checkpoint_every}")
+        if clients_per_round < (faults or ClientFaults()).min_clients:
+            raise ValueError(
+                f"federation.faults.min_clients ({(faults or ClientFaults()).min_clients}) exceeds "
+                f"federation.clients_per_round ({clients_per_round}): no round could ever succeed"
+            )
         self.rounds = rounds
         self.checkpoint_every = checkpoint_every
+        self.faults = faults or ClientFaults()
         self.clients_per_round = clients_per_round
         self.local_steps = local_steps
         self.local_epochs = local_epochs
         self.aggregator = aggregator
         self.privacy = privacy
         self.client = ClientPipeline(uplink_codec, downlink_codec, privacy)
-        self.server = ServerPipeline(uplink_codec, downlink_codec, aggregator, privacy)
+        self.server = ServerPipeline(uplink_codec, downlink_codec, aggregator, privacy, max_update_norm)
         self.seed = seed
         self.eval_before_training = eval_before_training
         # run state (checkpointed)
@@ -111,6 +122,7 @@ class FederatedRound(pl.Callback):
 
     def _reset_round(self) -> None:
         self.updates: list[ClientUpdate] = []
+        self.failed: dict[int, str] = {}
         self.current_client: int | None = None
         self.clients_done = 0
         self.round_downlink = 0
@@ -139,6 +151,10 @@ class FederatedRound(pl.Callback):
             self._dm.batch_size,
             self.local_steps,
             self.local_epochs,
+            self.faults.dropout_before,
+            self.faults.dropout_after,
+            self.faults.deadline_steps,
+            self.faults.straggler_policy,
         )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -213,8 +229,13 @@ class FederatedRound(pl.Callback):
             self._start_client(trainer, pl_module, client_id)
 
     def on_train_batch_end(self, trainer, pl_module: FederatedModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self._client_losses.append(float(loss))
+        error = pl_module.pop_client_error()
+        if error is not None and self.current_client not in self.failed:
+            self.failed[self.current_client] = error
+            rank_zero_warn(f"[fedlight] round {self.plan.round}: client {self.current_client} raised; excluded:\n{error}")
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self._client_losses.append(float(loss))
         if batch_idx == trainer.num_training_batches - 1:
             self._finish_client(trainer, pl_module)
             self._end_round(trainer, pl_module)
@@ -228,10 +249,17 @@ class FederatedRound(pl.Callback):
         peft.set_state(model, self.client_store.get(client_id, {}).get("local", self.initial_local))
         for optimizer in trainer.optimizers:  # every client starts with fresh optimizer state
             optimizer.state.clear()
+        pl_module.skip_client = None
 
     def _finish_client(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
         client_id = self.current_client
         peft, model = pl_module.peft, pl_module.model
+        self.clients_done += 1
+        self.current_client = None
+        self._round_losses.extend(self._client_losses)
+        self._client_losses = []
+        if client_id in self.failed or client_id in self.plan.lost:
+            return  # a crashed client, or one whose update never arrives: nothing reaches the server
         trained = peft.get_state(model, pl_module.shared_names)
         mean_loss = sum(self._client_losses) / max(len(self._client_losses), 1)
         update = self.client.finish(
@@ -246,20 +274,25 @@ class FederatedRound(pl.Callback):
         self.updates.append(update)
         if pl_module.local_names:
             self.client_store[client_id]["local"] = peft.get_state(model, pl_module.local_names)
-        self._round_losses.extend(self._client_losses)
-        self._client_losses = []
-        self.clients_done += 1
-        self.current_client = None
 
     def _end_round(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
         generator = _generator(resolve_seed(self.seed), self.plan.round, 0)
         new_global, report = self.server.aggregate(self.global_state, self.updates, generator)
         for client_id, reason in report.rejected.items():
             rank_zero_info(f"[fedlight] round {self.plan.round}: rejected update of client {client_id}: {reason}")
+        self._round_report = report
+        if len(report.accepted) < self.faults.min_clients:
+            message = (
+                f"round {self.plan.round}: {len(report.accepted)} accepted updates < federation.faults.min_clients "
+                f"({self.faults.min_clients})"
+            )
+            if self.faults.on_too_few_clients == "stop":
+                raise TooFewClientsError(message + "; stopping (resume from the last round checkpoint)")
+            rank_zero_warn(f"[fedlight] {message}; round skipped, global model unchanged")
+            new_global = self.global_state
         self.global_state = new_global
         pl_module.peft.set_state(pl_module.model, new_global)
         pl_module.peft.set_state(pl_module.model, self.initial_local)
-        self._round_report = report
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
         report = self._round_report
@@ -270,6 +303,8 @@ class FederatedRound(pl.Callback):
             "round": self.plan.round,
             "num_clients": len(report.accepted),
             "rejected": len(report.rejected),
+            "dropped": len(self.plan.dropped_before) + len(set(self.plan.lost) - set(self.failed)),
+            "failed": len(self.failed),
             "uplink_bytes": report.uplink_bytes,
             "downlink_bytes": self.round_downlink,
             "train_loss": sum(self._round_losses) / max(len(self._round_losses), 1),

@@ -9,7 +9,7 @@ import torch
 from fedlight.aggregators.base import Aggregator
 from fedlight.codecs.base import Codec
 from fedlight.codecs.wire import PayloadError
-from fedlight.core.state import State
+from fedlight.core.state import State, global_norm
 from fedlight.core.update import ClientUpdate, DecodedUpdate
 from fedlight.privacy.base import Privacy
 
@@ -21,7 +21,7 @@ class AggregationReport:
     uplink_bytes: int = 0
 
 
-def validate_delta(delta: State, reference: State) -> None:
+def validate_delta(delta: State, reference: State, max_norm: float | None = None) -> None:
     """Reject an update whose names, shapes or values cannot be aggregated with ``reference``."""
     if list(delta) != list(reference):
         missing = sorted(set(reference) - set(delta))[:5]
@@ -34,10 +34,17 @@ def validate_delta(delta: State, reference: State) -> None:
             raise ValueError(f"{name}: dtype {value.dtype} is not floating point")
         if not bool(torch.isfinite(value).all()):
             raise ValueError(f"{name}: contains NaN or Inf")
+    if max_norm is not None and (norm := global_norm(delta)) > max_norm:
+        raise ValueError(f"update norm {norm:.4g} exceeds federation.max_update_norm ({max_norm})")
 
 
 class ServerPipeline:
-    def __init__(self, uplink: Codec, downlink: Codec, aggregator: Aggregator, privacy: Privacy) -> None:
+    def __init__(
+        self, uplink: Codec, downlink: Codec, aggregator: Aggregator, privacy: Privacy, max_update_norm: float | None = None
+    ) -> None:
+        if max_update_norm is not None and max_update_norm <= 0:
+            raise ValueError(f"federation.max_update_norm must be > 0 or null, got {max_update_norm}")
+        self.max_update_norm = max_update_norm
         self.uplink = uplink
         self.downlink = downlink
         self.aggregator = aggregator
@@ -55,7 +62,7 @@ class ServerPipeline:
         for update in updates:
             try:
                 delta = self.uplink.decode(update.payload)
-                validate_delta(delta, global_state)
+                validate_delta(delta, global_state, self.max_update_norm)
             except (PayloadError, ValueError) as err:
                 report.rejected[update.client_id] = str(err)
                 continue
