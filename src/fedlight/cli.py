@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from fedlight.errors import ConfigError
+
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -36,31 +38,54 @@ PLUGIN_KEYS: dict[str, str] = {
 PARSER_MODE = "fedlight"
 
 
-class ConfigError(ValueError):
-    """A config names something fedlight cannot use; the message says what to change."""
+#: import-path prefixes a config may name outside the plugin registry (loggers, callbacks, optimizers);
+#: extend with FEDLIGHT_ALLOWED_MODULES=pkg_a.,pkg_b. — jsonargparse alone would import anything
+ALLOWED_MODULE_PREFIXES = ("fedlight.", "lightning.", "torch.optim.", "torchmetrics.")
+ALLOWED_MODULES_ENV = "FEDLIGHT_ALLOWED_MODULES"
 
 
-def resolve_plugin_names(node: Any, path: str = "") -> Any:
-    """Rewrite plugin short names under :data:`PLUGIN_KEYS` to import paths; refuse unknown ones."""
+def _allowed_prefixes() -> tuple[str, ...]:
+    extra = [p.strip() for p in os.environ.get(ALLOWED_MODULES_ENV, "").split(",") if p.strip()]
+    return ALLOWED_MODULE_PREFIXES + tuple(extra)
+
+
+def _resolve_class_path(name: str, kind: str | None, where: str) -> str:
     from fedlight.plugins import PluginError, get_registry
 
+    registry = get_registry()
+    if kind is not None:
+        try:
+            return registry.get(kind, name).import_path
+        except PluginError as err:
+            raise ConfigError(f"{where}: {err}") from None
+    matches = {e.import_path for table in registry.entries.values() for e in table.values() if name == e.name}
+    if len(matches) == 1:
+        return matches.pop()
+    if "." in name and not name.startswith(_allowed_prefixes()):
+        registered = any(name == e.import_path for table in registry.entries.values() for e in table.values())
+        if not registered:
+            raise ConfigError(
+                f"{where}: class_path {name!r} is neither a registered fedlight plugin nor under an allowed "
+                f"module prefix {list(_allowed_prefixes())}; register it as a plugin or set "
+                f"{ALLOWED_MODULES_ENV}={name.rsplit('.', 1)[0]}."
+            )
+    return name
+
+
+def resolve_plugin_names(node: Any, path: str = "", kind: str | None = None) -> Any:
+    """Rewrite plugin short names to import paths; refuse unknown plugins and unlisted import paths."""
     if isinstance(node, list):
         return [resolve_plugin_names(v, f"{path}[{i}]") for i, v in enumerate(node)]
+    if isinstance(node, str) and (kind is not None or path.rsplit(".", 1)[-1] in ("optimizer", "lr_scheduler")):
+        return _resolve_class_path(node, kind, path)
     if not isinstance(node, dict):
         return node
-    out = {}
+    out = dict(node)
+    if isinstance(node.get("class_path"), str):
+        out["class_path"] = _resolve_class_path(node["class_path"], kind, path)
     for key, value in node.items():
-        where = f"{path}.{key}" if path else str(key)
-        kind = PLUGIN_KEYS.get(key)
-        if kind is not None:
-            name = value.get("class_path") if isinstance(value, dict) else value
-            if isinstance(name, str):
-                try:
-                    entry = get_registry().get(kind, name)
-                except PluginError as err:
-                    raise ConfigError(f"{where}: {err}") from None
-                value = {**value, "class_path": entry.import_path} if isinstance(value, dict) else entry.import_path
-        out[key] = resolve_plugin_names(value, where)
+        if key != "class_path":
+            out[key] = resolve_plugin_names(value, f"{path}.{key}" if path else str(key), PLUGIN_KEYS.get(key))
     return out
 
 
@@ -90,6 +115,13 @@ def _make_cli_class():
             if ckpt_path:
                 AtomicCheckpointIO().load_checkpoint(ckpt_path)
             super()._parse_ckpt_path()
+
+        def instantiate_classes(self) -> None:
+            """Plugin constructors validate their arguments; report their errors as config errors."""
+            try:
+                super().instantiate_classes()
+            except (ValueError, FileNotFoundError) as err:
+                raise ConfigError(str(err)) from err
 
         def instantiate_trainer(self, **kwargs: Any):
             """Swap Lightning's default TQDM bar for one that shows rounds, clients, MB and epsilon."""
@@ -157,12 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["plugins"]:
         print_plugins()
         return 0
-    from fedlight.core.checkpoint import CheckpointError
-    from fedlight.plugins import PluginError
-
     try:
         run_cli(argv)
-    except (ConfigError, PluginError, CheckpointError) as err:
+    except ConfigError as err:
         print(f"fedlight: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -22,6 +22,7 @@ from fedlight import hookspecs
 from fedlight.aggregators.base import Aggregator
 from fedlight.codecs.base import Codec
 from fedlight.data.base import Dataset
+from fedlight.errors import ConfigError
 from fedlight.partitioners.base import Partitioner
 from fedlight.peft.base import PeftMethod
 from fedlight.privacy.base import Privacy
@@ -54,7 +55,7 @@ BUILTIN_PACKAGES = [
 ]
 
 
-class PluginError(ValueError):
+class PluginError(ConfigError):
     """A plugin is unknown, duplicated or malformed; the message says what to change."""
 
 

@@ -18,8 +18,10 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from fedlight.errors import ConfigError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(ConfigError):
     """A checkpoint is corrupt, unsafe or does not match the run's config."""
 
 

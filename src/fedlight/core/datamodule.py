@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from fedlight.core.plan import RoundPlan
 from fedlight.data.base import Dataset, DatasetSplits, Example
+from fedlight.errors import ConfigError
 from fedlight.partitioners.base import Partitioner
 from fedlight.partitioners.iid import IID
 
@@ -116,10 +117,16 @@ class FederatedDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
             return
-        self.splits = self.dataset.load()
+        try:
+            self.splits = self.dataset.load()
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"data.dataset ({self.dataset.name}): {err}") from err
         if not self.splits.train:
-            raise ValueError(f"dataset {self.dataset.name!r} has no training examples")
-        self.client_indices = self.partitioner(self.splits.train_labels(), self.num_clients, resolve_seed(self.seed))
+            raise ConfigError(f"data.dataset: {self.dataset.name!r} has no training examples")
+        try:
+            self.client_indices = self.partitioner(self.splits.train_labels(), self.num_clients, resolve_seed(self.seed))
+        except ValueError as err:
+            raise ConfigError(f"data.partitioner ({self.partitioner.name}): {err}") from err
 
     @property
     def num_classes(self) -> int:

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from jsonargparse import lazy_instance
 
+from fedlight.errors import ConfigError
 from fedlight.peft.base import PeftMethod
 from fedlight.peft.lora import LoRA
 from fedlight.tasks.base import Task
@@ -48,8 +49,11 @@ class FederatedModule(pl.LightningModule):
     def build(self, num_classes: int) -> None:
         if self.model is not None:
             return
-        model = self.task.build_model(num_classes)
-        self.model = self.peft.apply(model, self.task.family, self.task.head_modules(model))
+        try:
+            model = self.task.build_model(num_classes)
+            self.model = self.peft.apply(model, self.task.family, self.task.head_modules(model))
+        except (ValueError, FileNotFoundError) as err:
+            raise ConfigError(f"model ({self.task.name} + {self.peft.name}): {err}") from err
         self.model.train()  # from_pretrained returns eval mode; clients train with dropout on
         self.num_classes = num_classes
         self.last_samples: list[tuple[str, str, str]] = []

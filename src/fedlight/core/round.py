@@ -33,6 +33,7 @@ from fedlight.core.plan import RoundPlan, plan_round
 from fedlight.core.server import ServerPipeline
 from fedlight.core.state import State
 from fedlight.core.update import ClientUpdate
+from fedlight.errors import ConfigError
 from fedlight.privacy.base import Privacy
 from fedlight.privacy.none import NoPrivacy
 
@@ -163,19 +164,19 @@ class FederatedRound(pl.Callback):
             return
         dm = trainer.datamodule
         if not isinstance(dm, FederatedDataModule) or not isinstance(pl_module, FederatedModule):
-            raise ValueError("the federation callback needs a FederatedModule and a FederatedDataModule")
+            raise ConfigError("the federation callback needs a FederatedModule and a FederatedDataModule")
         if trainer.reload_dataloaders_every_n_epochs != 1:
-            raise ValueError("trainer.reload_dataloaders_every_n_epochs must be 1: each round has its own batches")
+            raise ConfigError("trainer.reload_dataloaders_every_n_epochs must be 1: each round has its own batches")
         if trainer.limit_train_batches not in (1.0, None):
-            raise ValueError("trainer.limit_train_batches would cut rounds short; set federation.local_steps instead")
+            raise ConfigError("trainer.limit_train_batches would cut rounds short; set federation.local_steps instead")
         if trainer.accumulate_grad_batches != 1:
-            raise ValueError("trainer.accumulate_grad_batches must be 1 (a batch must not span two clients)")
+            raise ConfigError("trainer.accumulate_grad_batches must be 1 (a batch must not span two clients)")
         if self.clients_per_round > dm.num_clients:
-            raise ValueError(
+            raise ConfigError(
                 f"federation.clients_per_round ({self.clients_per_round}) exceeds data.num_clients ({dm.num_clients})"
             )
         if trainer.max_epochs != self.rounds:
-            raise ValueError(f"trainer.max_epochs ({trainer.max_epochs}) must equal federation.rounds ({self.rounds})")
+            raise ConfigError(f"trainer.max_epochs ({trainer.max_epochs}) must equal federation.rounds ({self.rounds})")
         self._dm = dm
         dm.set_planner(self.plan_for)
 
