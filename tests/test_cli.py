@@ -18,7 +18,7 @@ def _write(cfg, tmp_path):
 def test_plugins_command_lists_every_kind(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out
-    for header in ("tasks:", "peft_methods:", "aggregators:", "codecs:", "partitioners:", "privacy:", "datasets:"):
+    for header in ("tasks:", "peft_methods:", "aggregators:", "codecs:", "partitioners:", "privacy:", "datasets:", "attacks:"):
         assert header in out
     assert "lora" in out and "[fedlight]" in out
 

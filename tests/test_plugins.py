@@ -21,6 +21,7 @@ BUILTINS = {
     "codecs": {"identity"},
     "aggregators": {"fedavg"},
     "privacy": {"none"},
+    "attacks": {"sign_flip", "gaussian_noise", "scaling", "alie", "label_flip"},
 }
 
 

@@ -33,6 +33,7 @@ PLUGIN_KEYS: dict[str, str] = {
     "privacy": "privacy",
     "uplink_codec": "codecs",
     "downlink_codec": "codecs",
+    "attack": "attacks",
 }
 
 PARSER_MODE = "fedlight"

@@ -71,3 +71,13 @@ def fedlight_aggregators() -> list[type]:
 @hookspec
 def fedlight_privacy() -> list[type]:
     """Return :class:`fedlight.privacy.base.Privacy` subclasses (client/server update transforms)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation of defences
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def fedlight_attacks() -> list[type]:
+    """Return :class:`fedlight.attacks.base.Attack` subclasses (malicious-client behaviours)."""

@@ -20,6 +20,7 @@ import pluggy
 
 from fedlight import hookspecs
 from fedlight.aggregators.base import Aggregator
+from fedlight.attacks.base import Attack
 from fedlight.codecs.base import Codec
 from fedlight.data.base import Dataset
 from fedlight.errors import ConfigError
@@ -41,6 +42,7 @@ KINDS: dict[str, tuple[str, type]] = {
     "codecs": ("fedlight_codecs", Codec),
     "aggregators": ("fedlight_aggregators", Aggregator),
     "privacy": ("fedlight_privacy", Privacy),
+    "attacks": ("fedlight_attacks", Attack),
 }
 
 #: packages whose modules may hold built-in hook implementations
@@ -52,6 +54,7 @@ BUILTIN_PACKAGES = [
     "fedlight.codecs",
     "fedlight.aggregators",
     "fedlight.privacy",
+    "fedlight.attacks",
 ]
 
 

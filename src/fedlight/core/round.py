@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from jsonargparse import lazy_instance
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from fedlight.aggregators.base import Aggregator
 from fedlight.aggregators.fedavg import FedAvg
+from fedlight.attacks.base import Attack
 from fedlight.codecs.base import Codec
 from fedlight.codecs.identity import IdentityCodec
 from fedlight.core.checkpoint import AtomicCheckpointIO, CheckpointError, atomic_copy, capture_rng, restore_rng
@@ -31,7 +33,7 @@ from fedlight.core.faults import ClientFaults, TooFewClientsError
 from fedlight.core.module import FederatedModule
 from fedlight.core.plan import RoundPlan, plan_round
 from fedlight.core.server import ServerPipeline
-from fedlight.core.state import State
+from fedlight.core.state import State, add, subtract
 from fedlight.core.update import ClientUpdate
 from fedlight.errors import ConfigError
 from fedlight.privacy.base import Privacy
@@ -65,6 +67,8 @@ class FederatedRound(pl.Callback):
             (``<log dir>/checkpoints/round-NNNN.ckpt`` and ``last.ckpt``); 0 disables.
         faults: simulated dropouts and stragglers, and the minimum number of updates per round.
         max_update_norm: reject (and count) updates whose L2 norm exceeds this bound.
+        attack: what malicious clients do (for evaluating defences; e.g. ``sign_flip``, ``alie``).
+        malicious_fraction: fraction of all clients that are malicious (a fixed, seeded set).
     """
 
     def __init__(
@@ -82,6 +86,8 @@ class FederatedRound(pl.Callback):
         checkpoint_every: int = 1,
         faults: ClientFaults | None = None,
         max_update_norm: float | None = None,
+        attack: Attack | None = None,
+        malicious_fraction: float = 0.0,
     ) -> None:
         if rounds < 1:
             raise ValueError(f"federation.rounds must be >= 1, got {rounds}")
@@ -100,6 +106,13 @@ class FederatedRound(pl.Callback):
                 f"federation.faults.min_clients ({(faults or ClientFaults()).min_clients}) exceeds "
                 f"federation.clients_per_round ({clients_per_round}): no round could ever succeed"
             )
+        if not 0.0 <= malicious_fraction < 1.0:
+            raise ValueError(f"federation.malicious_fraction must be in [0, 1), got {malicious_fraction}")
+        if (attack is None) != (malicious_fraction == 0.0):
+            raise ValueError("federation.attack and federation.malicious_fraction > 0 go together: set both or neither")
+        self.attack = attack
+        self.malicious_fraction = malicious_fraction
+        self.malicious: frozenset[int] = frozenset()
         self.rounds = rounds
         self.checkpoint_every = checkpoint_every
         self.faults = faults or ClientFaults()
@@ -124,6 +137,7 @@ class FederatedRound(pl.Callback):
     def _reset_round(self) -> None:
         self.updates: list[ClientUpdate] = []
         self.failed: dict[int, str] = {}
+        self._malicious_work: list[tuple[int, State, State]] = []  # (client, start, trained)
         self.current_client: int | None = None
         self.clients_done = 0
         self.round_downlink = 0
@@ -179,6 +193,8 @@ class FederatedRound(pl.Callback):
             raise ConfigError(f"trainer.max_epochs ({trainer.max_epochs}) must equal federation.rounds ({self.rounds})")
         self._dm = dm
         dm.set_planner(self.plan_for)
+        order = np.random.default_rng([resolve_seed(self.seed), 0xA77AC]).permutation(dm.num_clients)
+        self.malicious = frozenset(int(c) for c in order[: round(self.malicious_fraction * dm.num_clients)])
 
     def log_dir(self, trainer: pl.Trainer) -> Path:
         path = Path(trainer.log_dir or trainer.default_root_dir)
@@ -228,6 +244,8 @@ class FederatedRound(pl.Callback):
             if self.current_client is not None:
                 self._finish_client(trainer, pl_module)
             self._start_client(trainer, pl_module, client_id)
+        if client_id in self.malicious:
+            batch.update(self.attack.poison_batch(batch, pl_module.num_classes))
 
     def on_train_batch_end(self, trainer, pl_module: FederatedModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         error = pl_module.pop_client_error()
@@ -262,21 +280,40 @@ class FederatedRound(pl.Callback):
         if client_id in self.failed or client_id in self.plan.lost:
             return  # a crashed client, or one whose update never arrives: nothing reaches the server
         trained = peft.get_state(model, pl_module.shared_names)
+        if client_id in self.malicious:  # colluding attackers craft their updates together at round end
+            self._malicious_work.append((client_id, self._client_start, trained))
+            return
         mean_loss = sum(self._client_losses) / max(len(self._client_losses), 1)
-        update = self.client.finish(
-            client_id,
-            self._client_start,
-            trained,
-            num_examples=self._dm.client_sizes[client_id],
-            generator=_generator(resolve_seed(self.seed), self.plan.round, 1000 + client_id),
-            client_state=self.client_store.setdefault(client_id, {}),
-            metrics={"train_loss": mean_loss},
-        )
-        self.updates.append(update)
+        self._send(client_id, self._client_start, trained, {"train_loss": mean_loss})
         if pl_module.local_names:
             self.client_store[client_id]["local"] = peft.get_state(model, pl_module.local_names)
 
+    def _send(self, client_id: int, start: State, trained: State, metrics: dict[str, float]) -> None:
+        self.updates.append(
+            self.client.finish(
+                client_id,
+                start,
+                trained,
+                num_examples=self._dm.client_sizes[client_id],
+                generator=_generator(resolve_seed(self.seed), self.plan.round, 1000 + client_id),
+                client_state=self.client_store.setdefault(client_id, {}),
+                metrics=metrics,
+            )
+        )
+
+    def _send_malicious(self) -> None:
+        if not self._malicious_work:
+            return
+        honest = [subtract(trained, start) for _, start, trained in self._malicious_work]
+        expected = len(self.updates) + len(honest)
+        generator = _generator(resolve_seed(self.seed), self.plan.round, 2)
+        poisoned = self.attack.poison_updates(honest, expected, generator)
+        for (client_id, start, _), delta in zip(self._malicious_work, poisoned, strict=True):
+            self._send(client_id, start, add(start, delta), {"malicious": 1.0})
+        self._malicious_work = []
+
     def _end_round(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+        self._send_malicious()
         generator = _generator(resolve_seed(self.seed), self.plan.round, 0)
         new_global, report = self.server.aggregate(self.global_state, self.updates, generator)
         for client_id, reason in report.rejected.items():

@@ -1,0 +1,1 @@
+"""Attacks: malicious-client behaviours for evaluating robust aggregation (not for production runs)."""
