@@ -190,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["plugins"]:
         print_plugins()
         return 0
+    if argv[:1] == ["report"]:
+        from fedlight.report.summary import main as report_main
+
+        return report_main(argv[1:])
     try:
         run_cli(argv)
     except ConfigError as err:

@@ -8,7 +8,8 @@ Every parameter of a built :class:`~fedlight.core.module.FederatedModule` falls 
 
 ``shared_bytes_per_round`` is the real length of the given codec's payload of the shared state (what one
 client sends per round, as counted in ``rounds.csv``); ``full_model_bytes_per_round`` is the length of the
-identity (fp32) payload of *all* parameters, i.e. what full fine-tuning would send. Their ratio is the
+identity (fp32) payload of all parameters of the plain base model (adapter tensors left out), i.e. what
+full fine-tuning would send. Their ratio is the
 communication reduction ``fedlight report`` shows.
 """
 
@@ -45,6 +46,25 @@ def identity_payload_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
     meta = {"codec": IdentityCodec.name, **IdentityCodec().wire_params()}
     header = json.dumps({"meta": meta, "buffers": entries}, separators=(",", ":")).encode()
     return len(wire.MAGIC) + 4 + len(header) + total
+
+
+def full_model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """Parameter shapes of the plain model full fine-tuning would train and send.
+
+    For a ``peft.PeftModel`` the tuner's own tensors (``lora_*``, ...) and peft's trainable copies of
+    ``modules_to_save`` are left out and wrapper name parts dropped, so every method on the same base
+    reports the same number.
+    """
+    if not hasattr(model, "get_base_model"):
+        return {n: tuple(p.shape) for n, p in model.named_parameters()}
+    prefix = getattr(model.base_model, "prefix", None)
+    shapes = {}
+    for n, p in model.named_parameters():
+        if (prefix and prefix in n) or ".modules_to_save." in n:
+            continue
+        clean = n.removeprefix("base_model.model.").replace(".base_layer", "").replace(".original_module", "")
+        shapes[clean] = tuple(p.shape)
+    return shapes
 
 
 def _entry(name: str, param: torch.Tensor) -> dict[str, Any]:
@@ -109,7 +129,7 @@ def build_manifest(module, codec: Codec | None = None, downlink_codec: Codec | N
     if downlink_codec is not None:
         manifest["downlink_codec"] = downlink_codec.name
         manifest["downlink_bytes_per_client"] = len(downlink_codec.encode(shared_state))
-    manifest["full_model_bytes_per_round"] = identity_payload_bytes({n: tuple(p.shape) for n, p in params.items()})
+    manifest["full_model_bytes_per_round"] = identity_payload_bytes(full_model_shapes(model))
     shared = manifest["shared_bytes_per_round"]
     manifest["reduction"] = manifest["full_model_bytes_per_round"] / shared if shared else None
     return manifest

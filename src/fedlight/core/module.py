@@ -54,7 +54,7 @@ class FederatedModule(pl.LightningModule):
             self.model = self.peft.apply(model, self.task.family, self.task.head_modules(model))
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"model ({self.task.name} + {self.peft.name}): {err}") from err
-        self.model.train()  # from_pretrained returns eval mode; clients train with dropout on
+        self.train()  # from_pretrained returns eval mode; clients train with dropout on
         self.num_classes = num_classes
         self.last_samples: list[tuple[str, str, str]] = []
         self.val_metrics = self.task.metrics(num_classes).clone(prefix="val_")
@@ -65,6 +65,17 @@ class FederatedModule(pl.LightningModule):
         if datamodule is None or not hasattr(datamodule, "num_classes"):
             raise ValueError("FederatedModule needs a FederatedDataModule (the `data:` section)")
         self.build(datamodule.num_classes)
+
+    def train(self, mode: bool = True) -> FederatedModule:
+        """Train mode, except BatchNorm layers whose parameters are frozen: their statistics stay frozen too."""
+        super().train(mode)
+        if mode and self.model is not None:
+            for module in self.model.modules():
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not any(
+                    p.requires_grad for p in module.parameters(recurse=False)
+                ):
+                    module.eval()
+        return self
 
     @property
     def shared_names(self) -> list[str]:

@@ -29,7 +29,9 @@ from fedlight.codecs.identity import IdentityCodec
 from fedlight.core.checkpoint import AtomicCheckpointIO, CheckpointError, atomic_copy, capture_rng, restore_rng
 from fedlight.core.client import ClientPipeline, ClientState
 from fedlight.core.datamodule import FederatedDataModule, resolve_seed
+from fedlight.core.export import export_adapter
 from fedlight.core.faults import ClientFaults, TooFewClientsError
+from fedlight.core.manifest import build_manifest, format_manifest, write_manifest
 from fedlight.core.module import FederatedModule
 from fedlight.core.plan import RoundPlan, plan_round
 from fedlight.core.server import ServerPipeline
@@ -69,6 +71,9 @@ class FederatedRound(pl.Callback):
         max_update_norm: reject (and count) updates whose L2 norm exceeds this bound.
         attack: what malicious clients do (for evaluating defences; e.g. ``sign_flip``, ``alie``).
         malicious_fraction: fraction of all clients that are malicious (a fixed, seeded set).
+        export_every: export the global adapter as a standard peft/timm/safetensors artefact every N
+            rounds and after the last one (``<log dir>/adapters/round-NNNN/``); 0 disables.
+        export_merged: also write a merged model with each export (HF-peft methods).
     """
 
     def __init__(
@@ -88,6 +93,8 @@ class FederatedRound(pl.Callback):
         max_update_norm: float | None = None,
         attack: Attack | None = None,
         malicious_fraction: float = 0.0,
+        export_every: int = 0,
+        export_merged: bool = False,
     ) -> None:
         if rounds < 1:
             raise ValueError(f"federation.rounds must be >= 1, got {rounds}")
@@ -110,6 +117,14 @@ class FederatedRound(pl.Callback):
             raise ValueError(f"federation.malicious_fraction must be in [0, 1), got {malicious_fraction}")
         if (attack is None) != (malicious_fraction == 0.0):
             raise ValueError("federation.attack and federation.malicious_fraction > 0 go together: set both or neither")
+        if privacy.requires_uniform_mean and not (isinstance(aggregator, FedAvg) and aggregator.weighting == "uniform"):
+            raise ValueError(
+                f"federation.privacy {privacy.name!r} calibrates its noise to an unweighted mean of clipped updates: "
+                "use federation.aggregator: {class_path: fedavg, init_args: {weighting: uniform}}"
+            )
+        if export_every < 0:
+            raise ValueError(f"federation.export_every must be >= 0, got {export_every}")
+        self.export_every, self.export_merged = export_every, export_merged
         self.attack = attack
         self.malicious_fraction = malicious_fraction
         self.malicious: frozenset[int] = frozenset()
@@ -193,6 +208,10 @@ class FederatedRound(pl.Callback):
             raise ConfigError(f"trainer.max_epochs ({trainer.max_epochs}) must equal federation.rounds ({self.rounds})")
         self._dm = dm
         dm.set_planner(self.plan_for)
+        try:
+            self.privacy.bind(population=dm.num_clients, clients_per_round=self.clients_per_round)
+        except ValueError as err:
+            raise ConfigError(f"federation.privacy: {err}") from err
         order = np.random.default_rng([resolve_seed(self.seed), 0xA77AC]).permutation(dm.num_clients)
         self.malicious = frozenset(int(c) for c in order[: round(self.malicious_fraction * dm.num_clients)])
 
@@ -226,6 +245,15 @@ class FederatedRound(pl.Callback):
                     f"the model has {tuple(params[name].shape)}"
                 )
     def on_train_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+        if self.privacy.would_exceed(1):
+            raise ConfigError(
+                f"federation.privacy: one more round would exceed the privacy budget (epsilon now "
+                f"{self.privacy.epsilon()}); raise target_epsilon or the noise multiplier"
+            )
+        if trainer.current_epoch == 0 and not self.history and trainer.is_global_zero:
+            manifest = build_manifest(pl_module, self.client.uplink, self.client.downlink)
+            write_manifest(manifest, self.log_dir(trainer) / "manifest.json")
+            rank_zero_info(format_manifest(manifest))
         if trainer.current_epoch == 0 and not self.history and self.eval_before_training:
             loader = self._dm.val_dataloader()
             self._append_row(trainer, {"round": 0, "num_clients": 0, **pl_module.evaluate(loader)})
@@ -316,6 +344,7 @@ class FederatedRound(pl.Callback):
         self._send_malicious()
         generator = _generator(resolve_seed(self.seed), self.plan.round, 0)
         new_global, report = self.server.aggregate(self.global_state, self.updates, generator)
+        self.privacy.on_round_end()  # charged because clients were queried, whatever arrived
         for client_id, reason in report.rejected.items():
             rank_zero_info(f"[fedlight] round {self.plan.round}: rejected update of client {client_id}: {reason}")
         self._round_report = report
@@ -359,6 +388,15 @@ class FederatedRound(pl.Callback):
             path = directory / f"round-{self.plan.round:04d}.ckpt"
             trainer.save_checkpoint(path)
             atomic_copy(path, directory / "last.ckpt")
+        if self.export_every and (self.plan.round % self.export_every == 0 or last) and trainer.is_global_zero:
+            out = self.log_dir(trainer) / "adapters" / f"round-{self.plan.round:04d}"
+            export_adapter(pl_module, out, merged=self.export_merged)
+        if not last and self.privacy.would_exceed(1):
+            rank_zero_warn(
+                f"[fedlight] stopping after round {self.plan.round}: another round would exceed the privacy budget "
+                f"(epsilon {self.privacy.epsilon():.3f})"
+            )
+            trainer.should_stop = True
 
     def _append_row(self, trainer: pl.Trainer, row: dict[str, Any]) -> None:
         row.setdefault("uplink_bytes", 0)

@@ -83,20 +83,28 @@ class PeftMethod(Plugin):
         return [n for n in self.trainable_names(model) if in_module(n, self._head_modules)]
 
     def shared_names(self, model: nn.Module) -> list[str]:
-        """Trainable tensors that travel each round."""
+        """Trainable tensors (and shared buffers) that travel each round."""
         local = set(self.local_names(model))
-        return [n for n in self.trainable_names(model) if n not in local]
+        return [n for n in self.trainable_names(model) if n not in local] + self.shared_buffers(model)
+
+    def shared_buffers(self, model: nn.Module) -> list[str]:
+        """Buffers that travel with the trainable tensors (e.g. BatchNorm statistics of trained layers)."""
+        return []
 
     # --- state ---------------------------------------------------------------------------------
 
     @staticmethod
-    def get_state(model: nn.Module, names: list[str]) -> State:
-        params = dict(model.named_parameters())
-        return {n: params[n].detach().clone() for n in names}
+    def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+        return {**dict(model.named_buffers()), **dict(model.named_parameters())}
 
-    @staticmethod
-    def set_state(model: nn.Module, state: State) -> None:
-        params = dict(model.named_parameters())
+    @classmethod
+    def get_state(cls, model: nn.Module, names: list[str]) -> State:
+        tensors = cls._tensors(model)
+        return {n: tensors[n].detach().clone() for n in names}
+
+    @classmethod
+    def set_state(cls, model: nn.Module, state: State) -> None:
+        params = cls._tensors(model)
         with torch.no_grad():
             for name, value in state.items():
                 try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from fedlight.core.plugin_base import Plugin
@@ -16,7 +18,22 @@ class Privacy(Plugin):
     ``server_transform`` runs on the decoded updates before aggregation (central clipping);
     ``post_aggregate`` runs on the new global state (central noise). ``epsilon()`` is the privacy
     spent so far at the mechanism's delta, or None when the mechanism gives no DP guarantee.
+    ``on_round_end`` is called after every round in which clients were queried, even if every update
+    was lost or rejected (the privacy cost is paid when clients are asked, not when they answer).
     """
+
+    #: noise calibrated to an unweighted mean of clipped updates: needs ``fedavg`` with uniform weighting
+    requires_uniform_mean: ClassVar[bool] = False
+
+    def bind(self, population: int, clients_per_round: int) -> None:
+        """Receive the run's sampling (clients in the federation, clients per round) before round 1."""
+
+    def on_round_end(self) -> None:
+        """Account for one round."""
+
+    def would_exceed(self, next_rounds: int = 1) -> bool:
+        """Whether ``next_rounds`` more rounds would spend more than the configured budget."""
+        return False
 
     def client_transform(self, delta: State, generator: torch.Generator) -> State:
         return delta

@@ -1,0 +1,285 @@
+"""Central user-level DP-FedAvg with fixed or adaptive clipping.
+
+Assumptions (checked by config validation, not here):
+
+* The aggregator is FedAvg-like with *uniform* weights: the new global state is
+  ``old + mean(clipped deltas)``. ``post_aggregate`` recovers that mean as ``new - old`` and adds
+  Gaussian noise of std ``sigma * C / n`` to it, i.e. ``sigma * C`` on the sum. With example
+  weighting or a server optimiser the sensitivity of ``new - old`` is not ``C / n`` and the stated
+  epsilon would be wrong.
+* NaN/Inf updates never reach this plugin: the server pipeline's validation rejects them first.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+
+from fedlight.core.state import State, subtract
+from fedlight.core.update import DecodedUpdate
+from fedlight.hookspecs import hookimpl
+from fedlight.privacy.accounting import Accountant, make_record
+from fedlight.privacy.base import Privacy
+
+
+def state_norm(state: dict[str, torch.Tensor]) -> float:
+    """Global L2 norm over all tensors, accumulated in fp64 (no fp16/bf16 overflow; 0-d tensors fine).
+
+    Values are divided by the largest magnitude first, so even fp64 values near 1e300 do not overflow.
+    """
+    values = [v.detach().to(device="cpu", dtype=torch.float64) for v in state.values()]
+    scale = max((float(v.abs().max()) for v in values if v.numel()), default=0.0)
+    if scale == 0.0 or not math.isfinite(scale):
+        return scale
+    total = torch.zeros((), dtype=torch.float64)
+    for v in values:
+        total += (v / scale).pow(2).sum()
+    return scale * math.sqrt(float(total))
+
+
+def clip_state(state: dict[str, torch.Tensor], clip_norm: float) -> tuple[State, float]:
+    """Scale ``state`` so its global L2 norm is at most ``clip_norm``; returns (clipped, original norm).
+
+    Each tensor keeps its dtype. The scale is applied in fp64; if rounding back to a low-precision
+    dtype pushes the norm over the bound, the factor is shrunk until it does not, so the bound holds
+    exactly as measured in fp64. An all-zero state is returned unchanged (no 0/0).
+    """
+    norm = state_norm(state)
+    if norm <= clip_norm:
+        return {k: v.detach().clone() for k, v in state.items()}, norm
+    factor = clip_norm / norm
+    for _ in range(64):
+        out = {k: (v.detach().double() * factor).to(v.dtype) for k, v in state.items()}
+        if state_norm(out) <= clip_norm:
+            return out, norm
+        factor *= 1 - 2**-7  # coarser than the worst dtype rounding (bf16 has 8 bits of precision)
+    raise RuntimeError("could not clip the update below the bound")  # unreachable for finite input
+
+
+def gaussian_like(state: dict[str, torch.Tensor], std: float, generator: torch.Generator) -> State:
+    """Independent N(0, std^2) noise for every element, drawn in fp32 from ``generator`` (CPU)."""
+    return {
+        k: (torch.randn(v.shape, generator=generator, dtype=torch.float32) * std).to(v.device)
+        for k, v in state.items()
+    }
+
+
+class DPFedAvg(Privacy):
+    """Central user-level DP-FedAvg with fixed or adaptive clipping (McMahan et al. 2018; Andrew et al. 2021).
+
+    Each decoded client delta is clipped to global L2 norm ``clip_norm`` (C); after the (uniform,
+    FedAvg-like) aggregator has applied the mean, Gaussian noise of std ``sigma * C / n`` is added to
+    the mean delta, i.e. ``sigma * C`` on the sum of ``n`` clipped deltas.
+
+    Accounting: every round composes one sampled Gaussian event. ``sampling: fixed`` (the round plan
+    samples ``clients_per_round`` of ``population`` uniformly without replacement) is accounted
+    under replace-one adjacency, where one user's clipped delta moves the sum by up to 2C, so the
+    event's noise multiplier is ``sigma / 2``; ``sampling: poisson`` (rate clients_per_round /
+    population) uses add-or-remove-one adjacency and ``sigma``.
+
+    Adaptive clipping (Andrew et al. 2021): after each round ``C <- C * exp(-lr * (b - q))`` where
+    ``b`` is the fraction of updates with norm <= C, noised with std ``clipped_count_stddev / n``
+    (default ``0.05 * clients_per_round``, the paper's choice). The count release is private too, so
+    the updates are noised with ``sigma_eff = (sigma^-2 - (2 sigma_b)^-2)^-1/2 > sigma`` and the pair
+    together is accounted as one Gaussian mechanism with ``noise_multiplier`` (the paper's Thm. 1).
+
+    Args:
+        noise_multiplier: sigma, the overall noise multiplier that is accounted.
+        clip_norm: C (the initial C with adaptive clipping).
+        delta: the delta at which ``epsilon()`` is reported.
+        population: number of clients that can be sampled (for sampling rate / accounting);
+            null takes ``data.num_clients`` from the run (a different explicit value is an error).
+        clients_per_round: clients sampled per round (expected number with ``poisson``); null takes
+            ``federation.clients_per_round``.
+        sampling: ``fixed`` (uniform without replacement, as the round plan samples) or ``poisson``.
+        accountant: ``rdp`` or ``pld`` (``pld`` supports ``poisson`` only).
+        target_epsilon: optional budget; ``would_exceed()`` tells the round loop to stop before it.
+        adaptive_clipping: adapt C towards ``target_quantile`` of the update norms.
+        target_quantile: gamma, the target fraction of unclipped updates.
+        clip_learning_rate: eta of the geometric update.
+        clipped_count_stddev: sigma_b, std of the noise on the unclipped count (None: 0.05 * clients_per_round).
+    """
+
+    name = "dp_fedavg"
+    requires_uniform_mean = True
+    example_args = {"noise_multiplier": 1.0, "clip_norm": 1.0, "population": 20, "clients_per_round": 4}
+
+    def __init__(
+        self,
+        noise_multiplier: float = 1.0,
+        clip_norm: float = 1.0,
+        delta: float = 1e-5,
+        population: int | None = None,
+        clients_per_round: int | None = None,
+        sampling: Literal["fixed", "poisson"] = "fixed",
+        accountant: Literal["rdp", "pld"] = "rdp",
+        target_epsilon: float | None = None,
+        adaptive_clipping: bool = False,
+        target_quantile: float = 0.5,
+        clip_learning_rate: float = 0.2,
+        clipped_count_stddev: float | None = None,
+    ) -> None:
+        if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
+            raise ValueError(f"dp_fedavg noise_multiplier must be > 0, got {noise_multiplier}")
+        if not (clip_norm > 0 and math.isfinite(clip_norm)):
+            raise ValueError(f"dp_fedavg clip_norm must be > 0, got {clip_norm}")
+        if not 0 < delta < 1:
+            raise ValueError(f"dp_fedavg delta must be in (0, 1), got {delta}")
+        if sampling not in ("fixed", "poisson"):
+            raise ValueError(f"dp_fedavg sampling must be 'fixed' or 'poisson', got {sampling!r}")
+        if accountant not in ("rdp", "pld"):
+            raise ValueError(f"dp_fedavg accountant must be 'rdp' or 'pld', got {accountant!r}")
+        if sampling == "fixed" and accountant == "pld":
+            raise ValueError("dp_fedavg accountant 'pld' does not support sampling 'fixed'; use accountant: rdp")
+        if target_epsilon is not None and not target_epsilon > 0:
+            raise ValueError(f"dp_fedavg target_epsilon must be > 0 or null, got {target_epsilon}")
+        if not 0 < target_quantile < 1:
+            raise ValueError(f"dp_fedavg target_quantile must be in (0, 1), got {target_quantile}")
+        if not clip_learning_rate > 0:
+            raise ValueError(f"dp_fedavg clip_learning_rate must be > 0, got {clip_learning_rate}")
+        self.noise_multiplier = float(noise_multiplier)
+        self.clip_norm = float(clip_norm)
+        self.delta = float(delta)
+        self.population = population
+        self.clients_per_round = clients_per_round
+        self.sampling = sampling
+        self.target_epsilon = target_epsilon
+        self.adaptive_clipping = adaptive_clipping
+        self.target_quantile = float(target_quantile)
+        self.clip_learning_rate = float(clip_learning_rate)
+        self._clipped_count_stddev = clipped_count_stddev
+        self.clipped_count_stddev = 0.0
+        if clipped_count_stddev is not None:
+            self._set_count_noise(clipped_count_stddev)
+        self.accountant = Accountant(accountant)
+        self.rounds = 0
+        self._pending_count: tuple[float, int] | None = None  # (unclipped count, n) of this round
+        if population is not None and clients_per_round is not None:
+            self.bind(population, clients_per_round)
+
+    def bind(self, population: int, clients_per_round: int) -> None:
+        """Take the run's sampling (called by the round loop before round 1) and validate against it."""
+        for field, given, actual in (
+            ("population", self.population, population),
+            ("clients_per_round", self.clients_per_round, clients_per_round),
+        ):
+            if given is not None and given != actual:
+                raise ValueError(
+                    f"dp_fedavg {field}={given} disagrees with the run ({actual}); leave it null to use the run's value"
+                )
+        if population < 1:
+            raise ValueError(f"dp_fedavg population must be >= 1, got {population}")
+        if not 1 <= clients_per_round <= population:
+            raise ValueError(f"dp_fedavg clients_per_round must be in [1, population={population}], got {clients_per_round}")
+        self.population, self.clients_per_round = int(population), int(clients_per_round)
+        sigma_b = self._clipped_count_stddev
+        self._set_count_noise(0.05 * clients_per_round if sigma_b is None else sigma_b)
+
+    def _set_count_noise(self, sigma_b: float) -> None:
+        self.clipped_count_stddev = float(sigma_b)
+        if self.clipped_count_stddev < 0:
+            raise ValueError(f"dp_fedavg clipped_count_stddev must be >= 0, got {self.clipped_count_stddev}")
+        if self.adaptive_clipping and 2 * self.clipped_count_stddev <= self.noise_multiplier:
+            raise ValueError(
+                f"dp_fedavg clipped_count_stddev ({self.clipped_count_stddev}) must exceed noise_multiplier / 2 "
+                f"({self.noise_multiplier / 2}) with adaptive clipping, or the count alone spends the whole budget"
+            )
+
+    # --- mechanism -----------------------------------------------------------------------------------
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """sigma_eff applied to the updates (= sigma without adaptive clipping)."""
+        if not self.adaptive_clipping or self.clipped_count_stddev == 0:
+            return self.noise_multiplier
+        return (self.noise_multiplier**-2 - (2 * self.clipped_count_stddev) ** -2) ** -0.5
+
+    def server_transform(self, updates: list[DecodedUpdate], generator: torch.Generator) -> list[DecodedUpdate]:
+        out, unclipped = [], 0
+        for u in updates:
+            clipped, norm = clip_state(u.delta, self.clip_norm)
+            unclipped += norm <= self.clip_norm
+            out.append(DecodedUpdate(u.client_id, u.num_examples, clipped))
+        self._pending_count = (float(unclipped), len(updates))
+        return out
+
+    def post_aggregate(self, old_global: State, new_global: State, num_updates: int, generator: torch.Generator) -> State:
+        if num_updates < 1:
+            return new_global
+        std = self.update_noise_multiplier * self.clip_norm / num_updates
+        mean_delta = subtract(new_global, old_global)
+        noise = gaussian_like(mean_delta, std, generator)
+        noisy = {k: (old_global[k].float() + mean_delta[k] + noise[k]).to(old_global[k].dtype) for k in old_global}
+        if self.adaptive_clipping and self._pending_count is not None:
+            count, n = self._pending_count
+            self.update_clip(count, n, generator)
+        self._pending_count = None
+        return noisy
+
+    def update_clip(self, unclipped_count: float, num_updates: int, generator: torch.Generator | None = None) -> float:
+        """Geometric clip update from this round's (noised) unclipped fraction; returns the new C."""
+        noise = 0.0
+        if self.clipped_count_stddev > 0 and generator is not None:
+            noise = float(torch.randn((), generator=generator, dtype=torch.float64)) * self.clipped_count_stddev
+        fraction = (unclipped_count + noise) / max(num_updates, 1)
+        self.clip_norm = self.clip_norm * math.exp(-self.clip_learning_rate * (fraction - self.target_quantile))
+        return self.clip_norm
+
+    # --- accounting -----------------------------------------------------------------------------------
+
+    def _round_record(self, rounds: int = 1):
+        sigma = self.noise_multiplier / 2 if self.sampling == "fixed" else self.noise_multiplier
+        return make_record(
+            sigma, self.clients_per_round / self.population, rounds, self.sampling, self.population, self.clients_per_round
+        )
+
+    def on_round(self, num_sampled: int | None = None, population: int | None = None) -> None:
+        """Compose one round's Gaussian event (optionally updating the sampling parameters first)."""
+        if population is not None:
+            self.population = int(population)
+        if num_sampled is not None:
+            self.clients_per_round = int(num_sampled)
+        r = self._round_record()
+        self.accountant.compose(r.noise_multiplier, r.sampling_rate, 1, r.sampling, r.population, r.sample_size)
+        self.rounds += 1
+
+    def on_round_end(self) -> None:
+        self.on_round()
+
+    def epsilon(self) -> float:
+        return self.accountant.epsilon(self.delta)
+
+    def epsilon_after(self, next_rounds: int) -> float:
+        """ε if ``next_rounds`` more rounds ran with the current settings (nothing is recorded)."""
+        return self.accountant.epsilon(self.delta, extra=[self._round_record(next_rounds)] if next_rounds else None)
+
+    def would_exceed(self, next_rounds: int = 1) -> bool:
+        """True when running ``next_rounds`` more rounds would spend more than ``target_epsilon``."""
+        if self.target_epsilon is None:
+            return False
+        return self.epsilon_after(next_rounds) > self.target_epsilon
+
+    # --- checkpointing --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "clip_norm": self.clip_norm,
+            "rounds": self.rounds,
+            "population": self.population,
+            "clients_per_round": self.clients_per_round,
+            "accountant": self.accountant.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.clip_norm = float(state["clip_norm"])
+        self.rounds = int(state["rounds"])
+        self.population = int(state["population"])
+        self.clients_per_round = int(state["clients_per_round"])
+        self.accountant.load_state_dict(state["accountant"])
+
+
+@hookimpl
+def fedlight_privacy() -> list[type]:
+    return [DPFedAvg]

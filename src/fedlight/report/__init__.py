@@ -1,0 +1,1 @@
+"""Plots, summary tables and other reports from fedlight run logs."""
