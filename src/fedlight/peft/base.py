@@ -27,6 +27,17 @@ def unfreeze(model: nn.Module, module_names: list[str]) -> None:
             param.requires_grad_(True)
 
 
+def methods_for_family(family: str) -> list[str]:
+    """Names of the registered PEFT methods that apply to a model family (for error messages)."""
+    from fedlight.plugins import get_registry  # lazy: the registry imports this package
+
+    try:
+        table = get_registry().entries["peft_methods"]
+    except Exception:  # never let a message helper hide the real error
+        return []
+    return sorted(n for n, e in table.items() if family in e.cls.families)
+
+
 class PeftMethod(Plugin):
     """Base class: make a model PEFT-ready and say which tensors travel.
 
@@ -53,8 +64,8 @@ class PeftMethod(Plugin):
     def check_family(self, family: str) -> None:
         if family not in self.families:
             raise ValueError(
-                f"PEFT method {self.name!r} does not apply to {family} models (it supports "
-                f"{sorted(self.families)}); pick a method that lists {family!r}, see `fedlight plugins`"
+                f"PEFT method {self.name!r} does not apply to {family} models (it supports {sorted(self.families)}); "
+                f"methods for {family} models: {', '.join(methods_for_family(family)) or 'see `fedlight plugins`'}"
             )
 
     def apply(self, model: nn.Module, family: str, head_modules: list[str]) -> nn.Module:

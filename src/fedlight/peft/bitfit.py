@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from fedlight.hookspecs import hookimpl
-from fedlight.peft.base import PeftMethod, unfreeze
+from fedlight.peft.base import PeftMethod, in_module, unfreeze
 
 
 class BitFit(PeftMethod):
@@ -15,7 +15,7 @@ class BitFit(PeftMethod):
 
     def prepare(self, model: nn.Module, head_modules: list[str]) -> nn.Module:
         for pname, param in model.named_parameters():
-            if pname.endswith("bias"):
+            if pname.endswith("bias") and (self.train_head or not in_module(pname, head_modules)):
                 param.requires_grad_(True)
         if self.train_head:
             unfreeze(model, head_modules)

@@ -1,19 +1,18 @@
-"""LoRA through Hugging Face peft."""
+"""LoRA through Hugging Face peft: one thin class over :class:`fedlight.peft.peft_library.PeftLibraryMethod`."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 import peft
-from torch import nn
 
 from fedlight.hookspecs import hookimpl
-from fedlight.peft.base import HeadMode, PeftMethod
-from fedlight.peft.targets import resolve_targets
+from fedlight.peft.base import HeadMode
+from fedlight.peft.peft_library import LINEAR, PeftLibraryMethod
 
 
-class LoRA(PeftMethod):
-    """Low-rank adapters (Hu et al. 2022) via HF peft, on timm and transformers models alike.
+class LoRA(PeftLibraryMethod):
+    """Low-rank adapters (Hu et al. 2022, arXiv:2106.09685) via HF peft, on timm and transformers models alike.
 
     Only the adapter factors (and the head, unless frozen) train and travel; the base weights stay
     frozen on every client. ``target`` is a preset (``attention``, ``mlp``, ``attention+mlp``,
@@ -23,6 +22,9 @@ class LoRA(PeftMethod):
 
     name = "lora"
     example_args = {"r": 2, "alpha": 4}
+    config_class = peft.LoraConfig
+    layer_types = (*LINEAR, "Conv2d", "Conv1d", "Conv3d", "Embedding")
+    identity_at_init = True
 
     def __init__(
         self,
@@ -35,28 +37,19 @@ class LoRA(PeftMethod):
         init: bool | Literal["gaussian", "pissa", "olora", "eva", "loftq"] = True,
         head: HeadMode = "shared",
     ) -> None:
-        super().__init__(head)
+        super().__init__(target, head)
         if r < 1:
             raise ValueError(f"lora r must be >= 1, got {r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"lora dropout must be in [0, 1), got {dropout}")
         self.r, self.alpha, self.dropout = r, alpha, dropout
-        self.target, self.use_dora, self.use_rslora, self.init = target, use_dora, use_rslora, init
+        self.use_dora, self.use_rslora, self.init = use_dora, use_rslora, init
 
-    def peft_config(self, model: nn.Module, head_modules: list[str]) -> peft.LoraConfig:
-        return peft.LoraConfig(
-            r=self.r,
-            lora_alpha=self.alpha,
-            lora_dropout=self.dropout,
-            target_modules=resolve_targets(model, self.target, head_modules),
-            use_dora=self.use_dora,
-            use_rslora=self.use_rslora,
-            init_lora_weights=self.init,
-            modules_to_save=list(head_modules) if self.train_head else None,
-        )
-
-    def prepare(self, model: nn.Module, head_modules: list[str]) -> nn.Module:
-        return peft.get_peft_model(model, self.peft_config(model, head_modules))
+    def config_kwargs(self, model, targets):
+        return dict(
+            r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, use_dora=self.use_dora,
+            use_rslora=self.use_rslora, init_lora_weights=self.init,
+        )  # fmt: skip
 
 
 @hookimpl

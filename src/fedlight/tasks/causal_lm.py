@@ -279,6 +279,8 @@ class CausalLM(Task):
 
     def step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # prompt-family PEFT methods prepend virtual tokens: score only the real positions
+        logits = logits[:, logits.shape[1] - batch["labels"].shape[1] :]
         logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
         nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
         mask = labels != IGNORE_INDEX
