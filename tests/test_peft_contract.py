@@ -181,3 +181,34 @@ def test_two_round_federated_fit(domain, name, args, tmp_path, tiny_bert_dir):
     module = cli.model
     assert type(module.peft).name == name
     assert all(torch.isfinite(p).all() for p in module.model.parameters())
+
+
+@pytest.mark.parametrize(("name", "kind"), CASES, ids=[f"{n}-{k}" for n, k in CASES])
+def test_manifest_matches_what_travels_and_what_changes(name, kind, tasks):
+    """Issue #11: for every PEFT method, the exchange manifest is exactly what travels and trains."""
+    from fedlight.core.manifest import build_manifest
+    from fedlight.core.module import FederatedModule
+
+    method, model = _build(name, kind, tasks)  # skips methods that refuse this model
+    module = FederatedModule(tasks[kind], METHODS[name].cls(**METHODS[name].cls.example_args))
+    torch.manual_seed(0)
+    module.build(3)
+    manifest = build_manifest(module, IdentityCodec())
+    listed = {cat: [t["name"] for t in manifest[cat]["tensors"]] for cat in ("shared", "local", "frozen")}
+    assert listed["shared"] == module.shared_names
+    assert listed["local"] == module.local_names
+    params = dict(module.model.named_parameters())
+    assert set(listed["frozen"]) == {n for n, p in params.items() if not p.requires_grad}
+    shared_state = module.peft.get_state(module.model, module.shared_names)
+    assert manifest["shared_bytes_per_round"] == len(IdentityCodec().encode(shared_state))
+    # after local steps exactly the shared + local tensors may have changed, frozen ones are bit-identical
+    before = {n: p.detach().clone() for n, p in params.items()}
+    optimizer = torch.optim.AdamW([p for p in params.values() if p.requires_grad], lr=1e-2)
+    inputs = _inputs(kind, tasks[kind])
+    for _ in range(2):
+        optimizer.zero_grad()
+        _out(module.model, kind, inputs).float().pow(2).mean().backward()
+        optimizer.step()
+    changed = {n for n, p in params.items() if not torch.equal(p, before[n])}
+    assert changed <= set(listed["shared"]) | set(listed["local"])
+    assert not changed & set(listed["frozen"])
