@@ -89,7 +89,7 @@ def build_manifest(module, codec: Codec | None = None, downlink_codec: Codec | N
         raise ValueError("build the module first (FederatedModule.build / trainer setup): it has no model yet")
     codec = codec or IdentityCodec()
     model, peft = module.model, module.peft
-    params = dict(model.named_parameters())
+    params = peft.named_tensors(model)  # parameters, plus buffers a method ships
     names = {"shared": list(module.shared_names), "local": list(module.local_names), "frozen": module.frozen_names()}
     seen: dict[str, str] = {}
     for category, category_names in names.items():
@@ -97,7 +97,7 @@ def build_manifest(module, codec: Codec | None = None, downlink_codec: Codec | N
             if n in seen:
                 raise ValueError(f"tensor {n!r} is both {seen[n]} and {category}")
             seen[n] = category
-    unassigned = [n for n in params if n not in seen]
+    unassigned = [n for n, _ in model.named_parameters() if n not in seen]
     if unassigned:
         raise ValueError(f"tensors in no category (trainable but neither shared nor local?): {unassigned[:5]}")
 
@@ -110,7 +110,7 @@ def build_manifest(module, codec: Codec | None = None, downlink_codec: Codec | N
         "model": type(model.get_base_model() if hasattr(model, "get_base_model") else model).__name__,
         "codec": codec.name,
     }
-    total_numel = sum(p.numel() for p in params.values())
+    total_numel = sum(p.numel() for p in model.parameters())
     for category in CATEGORIES:
         tensors = [_entry(n, params[n]) for n in names[category]]
         numel = sum(t["numel"] for t in tensors)

@@ -105,17 +105,17 @@ class PeftMethod(Plugin):
     # --- state ---------------------------------------------------------------------------------
 
     @staticmethod
-    def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    def named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         return {**dict(model.named_buffers()), **dict(model.named_parameters())}
 
     @classmethod
     def get_state(cls, model: nn.Module, names: list[str]) -> State:
-        tensors = cls._tensors(model)
+        tensors = cls.named_tensors(model)
         return {n: tensors[n].detach().clone() for n in names}
 
     @classmethod
     def set_state(cls, model: nn.Module, state: State) -> None:
-        params = cls._tensors(model)
+        params = cls.named_tensors(model)
         with torch.no_grad():
             for name, value in state.items():
                 try:
