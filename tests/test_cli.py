@@ -75,3 +75,12 @@ def test_third_party_plugin_runs_from_yaml(tiny_bert_dir, tmp_path, registry_wit
     assert type(fed.aggregator).__module__ == "fedlight_example.plugin"
     assert fed.aggregator.server_lr == 0.5
     assert len(read_rounds(tmp_path)) == 3
+
+
+def test_partitions_command_prints_per_client_histograms(tiny_bert_dir, tmp_path, capsys):
+    cfg = text_config(tiny_bert_dir, tmp_path)
+    plot = tmp_path / "parts.png"
+    assert main(["partitions", "--config", _write(cfg, tmp_path), "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "english" in out and "spanish" in out and "label skew" in out
+    assert plot.read_bytes()[:4] == b"\x89PNG"

@@ -183,6 +183,26 @@ def print_plugins(stream=None) -> None:
         print(f"failed to load plugin package {package}: {error.splitlines()[0]}", file=stream)
 
 
+def show_partitions(argv: list[str]) -> int:
+    """``fedlight partitions --config x.yaml [--plot out.png]``: per-client label histograms of a config."""
+    import argparse
+
+    from fedlight.report.partitions import format_histograms, label_histograms, plot_histograms
+
+    parser = argparse.ArgumentParser(prog="fedlight partitions", description=show_partitions.__doc__)
+    parser.add_argument("--config", required=True, help="a fedlight fit config")
+    parser.add_argument("--plot", help="also write stacked bars to this image file")
+    args = parser.parse_args(argv)
+    cli = run_cli(["--config", args.config, "--trainer.logger", "false"], run=False)
+    dm = cli.datamodule
+    dm.setup("fit")
+    histograms = label_histograms(dm.client_indices, dm.splits.train_labels(), dm.num_classes)
+    print(format_histograms(histograms, dm.splits.label_names))
+    if args.plot:
+        print(f"wrote {plot_histograms(histograms, args.plot, dm.splits.label_names)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
@@ -190,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["plugins"]:
         print_plugins()
         return 0
+    if argv[:1] == ["partitions"]:
+        try:
+            return show_partitions(argv[1:])
+        except ConfigError as err:
+            print(f"fedlight: error: {err}", file=sys.stderr)
+            return 2
     if argv[:1] == ["report"]:
         from fedlight.report.summary import main as report_main
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from fedlight.core.plugin_base import Plugin
-from fedlight.core.state import State
+from fedlight.core.state import State, weighted_sum
 from fedlight.core.update import DecodedUpdate
 
 
@@ -17,3 +19,30 @@ class Aggregator(Plugin):
 
     def aggregate(self, global_state: State, updates: list[DecodedUpdate]) -> State:
         raise NotImplementedError
+
+
+WEIGHTINGS = ("examples", "uniform")
+
+
+def check_weighting(weighting: str, who: str) -> str:
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"{who} weighting must be 'examples' or 'uniform', got {weighting!r}")
+    return weighting
+
+
+def client_weights(updates: Sequence[DecodedUpdate], weighting: str, who: str) -> list[float]:
+    """Normalised client weights: ``n_k / Σ n`` for ``examples`` (McMahan et al. 2017), ``1/K`` for ``uniform``."""
+    if not updates:
+        raise ValueError(f"{who} needs at least one update")
+    raw = [float(u.num_examples) if weighting == "examples" else 1.0 for u in updates]
+    if any(w < 0 for w in raw):
+        raise ValueError(f"{who}: negative num_examples in an update")
+    total = sum(raw)
+    if total <= 0:
+        raise ValueError(f"{who}: all client weights are zero")
+    return [w / total for w in raw]
+
+
+def weighted_mean_delta(updates: Sequence[DecodedUpdate], weighting: str, who: str) -> State:
+    """FedAvg's mean of the client deltas (fp64 accumulation, fp32 result): the pseudo-gradient Δ."""
+    return weighted_sum((u.delta for u in updates), client_weights(updates, weighting, who))

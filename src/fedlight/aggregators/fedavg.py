@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from fedlight.aggregators.base import Aggregator
-from fedlight.core.state import State, add, weighted_sum
+from fedlight.aggregators.base import Aggregator, check_weighting, weighted_mean_delta
+from fedlight.core.state import State, add
 from fedlight.core.update import DecodedUpdate
 from fedlight.hookspecs import hookimpl
 
@@ -18,19 +18,10 @@ class FedAvg(Aggregator):
     name = "fedavg"
 
     def __init__(self, weighting: str = "examples") -> None:
-        if weighting not in ("examples", "uniform"):
-            raise ValueError(f"fedavg weighting must be 'examples' or 'uniform', got {weighting!r}")
-        self.weighting = weighting
+        self.weighting = check_weighting(weighting, "fedavg")
 
     def aggregate(self, global_state: State, updates: list[DecodedUpdate]) -> State:
-        if not updates:
-            raise ValueError("fedavg needs at least one update")
-        raw = [float(u.num_examples) if self.weighting == "examples" else 1.0 for u in updates]
-        total = sum(raw)
-        if total <= 0:
-            raise ValueError("fedavg: all client weights are zero")
-        mean_delta = weighted_sum((u.delta for u in updates), (w / total for w in raw))
-        return add(global_state, mean_delta)
+        return add(global_state, weighted_mean_delta(updates, self.weighting, "fedavg"))
 
 
 @hookimpl

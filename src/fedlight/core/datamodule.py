@@ -124,7 +124,9 @@ class FederatedDataModule(pl.LightningDataModule):
         if not self.splits.train:
             raise ConfigError(f"data.dataset: {self.dataset.name!r} has no training examples")
         try:
-            self.client_indices = self.partitioner(self.splits.train_labels(), self.num_clients, resolve_seed(self.seed))
+            self.client_indices = self.partitioner(
+                self.splits.train_labels(), self.num_clients, resolve_seed(self.seed), groups=self.splits.groups
+            )
         except ValueError as err:
             raise ConfigError(f"data.partitioner ({self.partitioner.name}): {err}") from err
 
