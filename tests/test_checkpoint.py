@@ -111,3 +111,20 @@ def test_corrupt_foreign_and_unsafe_checkpoints_are_refused(tiny_bert_dir, tmp_p
     assert main(["fit", "--config", str(cfg_path), "--ckpt_path", str(good[0])]) == 2
     assert "does not match this config" in capsys.readouterr().err
     assert _digest(good) == before and _checkpoints(tmp_path) == good  # nothing overwritten or added
+
+
+def test_validate_and_test_subcommands_evaluate_a_round_checkpoint(tiny_bert_dir, tmp_path):
+    from conftest import run_fit
+
+    cfg = text_config(tiny_bert_dir, tmp_path, federation={"rounds": 2})
+    fit = run_fit(cfg, tmp_path)
+    (last,) = [p for p in (tmp_path / "runs").rglob("last.ckpt")]
+    path = tmp_path / "eval.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    from fedlight.cli import run_cli
+
+    for subcommand, key in (("validate", "val_acc"), ("test", "test_acc")):
+        cli = run_cli([subcommand, "--config", str(path), "--ckpt_path", str(last)])
+        assert key in cli.trainer.callback_metrics
+    # evaluating the checkpoint gives the accuracy the fit logged for its last round
+    assert float(cli.trainer.callback_metrics["test_acc"]) == pytest.approx(fit.trainer.callback_metrics["val_acc"].item())
