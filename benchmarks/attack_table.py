@@ -18,10 +18,18 @@ import yaml
 
 ATTACKS = [None, "sign_flip", "gaussian_noise", "scaling", "alie", "label_flip"]
 ATTACK_ARGS = {"gaussian_noise": {"std": 1.0}, "scaling": {"factor": 10.0}}
+#: defences configured for 2 attackers among 10 clients
+AGGREGATOR_ARGS = {
+    "trimmed_mean": {"beta": 0.2},
+    "krum": {"num_byzantine": 2, "num_selected": 1},
+    "multi_krum": {"num_byzantine": 2, "num_selected": 6},
+    "norm_bounding": {"max_norm": 2.0},
+}
 
 
 def config(aggregator: str, attack: str | None, rounds: int, out: Path) -> dict:
-    fed = {"rounds": rounds, "clients_per_round": 10, "local_steps": 5, "aggregator": aggregator, "checkpoint_every": 0}
+    spec = {"class_path": "krum" if aggregator == "multi_krum" else aggregator, "init_args": AGGREGATOR_ARGS.get(aggregator, {})}
+    fed = {"rounds": rounds, "clients_per_round": 10, "local_steps": 5, "aggregator": spec, "checkpoint_every": 0}
     if attack:
         fed["attack"] = {"class_path": attack, "init_args": ATTACK_ARGS.get(attack, {})}
         fed["malicious_fraction"] = 0.2
@@ -50,7 +58,7 @@ def config(aggregator: str, attack: str | None, rounds: int, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--aggregators", nargs="+", default=["fedavg", "median", "trimmed_mean", "krum", "norm_bounding", "geometric_median"])
+    parser.add_argument("--aggregators", nargs="+", default=["fedavg", "median", "trimmed_mean", "krum", "multi_krum", "norm_bounding", "geometric_median"])
     args = parser.parse_args()
     os.environ.setdefault("FEDLIGHT_DISABLE_PLUGIN_AUTOLOAD", "1")
     from fedlight.cli import run_cli
