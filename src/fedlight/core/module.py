@@ -41,8 +41,12 @@ class FederatedModule(pl.LightningModule):
         self.num_classes: int | None = None
         self.skip_client: int | None = None  # a client that raised: its remaining batches are skipped
         self._client_error: str | None = None
+        #: set by the federation callback for per-example privacy (DP-SGD): (model, task, batch) -> StepOutput
+        self.private_step = None
         # round checkpoints omit the frozen backbone (rebuilt from its source), see on_save_checkpoint
         self.strict_loading = False
+        #: frozen weights a merging aggregator changed (set by the federation callback): checkpointed
+        self.kept_frozen: set[str] = set()
 
     # --- building -------------------------------------------------------------------------------
 
@@ -96,7 +100,10 @@ class FederatedModule(pl.LightningModule):
         if client is not None and client == self.skip_client:
             return None
         try:
-            out = self.task.step(self.model, batch)
+            if self.private_step is not None:  # sample-level DP-SGD: the loss's gradient is the private one
+                out = self.private_step(self.model, self.task, batch)
+            else:
+                out = self.task.step(self.model, batch)
         except Exception:
             if client is None:
                 raise
@@ -158,10 +165,11 @@ class FederatedModule(pl.LightningModule):
         return results
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep trainable tensors and buffers; drop frozen parameters unless the method merges into them."""
+        """Keep trainable tensors and buffers; drop frozen parameters unless the method merges into them
+        or a merging aggregator changed them (``kept_frozen``)."""
         if self.peft.merges_into_base:
             return
-        frozen = {f"model.{n}" for n in self.frozen_names()}
+        frozen = {f"model.{n}" for n in self.frozen_names() if n not in self.kept_frozen}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
     def configure_optimizers(self):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from fedlight.aggregators.base import Aggregator
 from fedlight.aggregators.fedavg import FedAvg
 from fedlight.attacks.base import Attack
+from fedlight.client_methods.base import ClientMethod
 from fedlight.codecs.base import Codec
 from fedlight.codecs.identity import IdentityCodec
 from fedlight.core.checkpoint import AtomicCheckpointIO, CheckpointError, atomic_copy, capture_rng, restore_rng
@@ -31,14 +33,17 @@ from fedlight.core.client import ClientPipeline, ClientState
 from fedlight.core.datamodule import FederatedDataModule, resolve_seed
 from fedlight.core.export import export_adapter
 from fedlight.core.faults import ClientFaults, TooFewClientsError
+from fedlight.core.heterogeneity import ComputeTiers, check_sampling
 from fedlight.core.manifest import build_manifest, format_manifest, write_manifest
 from fedlight.core.module import FederatedModule
+from fedlight.core.personal import accuracy_key, label_matched_split, personal_metrics
 from fedlight.core.plan import RoundPlan, plan_round
 from fedlight.core.server import ServerPipeline
 from fedlight.core.state import State, add, subtract
 from fedlight.core.update import ClientUpdate
 from fedlight.errors import ConfigError
-from fedlight.privacy.base import Privacy
+from fedlight.privacy.base import Privacy, RunSpec
+from fedlight.peft.lora_variants import lora_layout
 from fedlight.privacy.none import NoPrivacy
 
 MB = 1e6
@@ -74,6 +79,12 @@ class FederatedRound(pl.Callback):
         export_every: export the global adapter as a standard peft/timm/safetensors artefact every N
             rounds and after the last one (``<log dir>/adapters/round-NNNN/``); 0 disables.
         export_merged: also write a merged model with each export (HF-peft methods).
+        client_method: client-side objective/correction (``fedprox``, ``scaffold``); null = plain local training.
+        client_sampling: ``uniform`` or ``weighted`` (probability proportional to client data size).
+        compute_tiers: per-client compute budgets (fractions of the local steps), assigned once, seeded.
+        personal_eval_every: every N rounds (and after the last) evaluate each participating client's
+            personalised model (global shared + its local tensors) on its label-matched share of the
+            validation split; logs ``val_acc_personal_mean/std/min``; 0 disables.
     """
 
     def __init__(
@@ -95,6 +106,10 @@ class FederatedRound(pl.Callback):
         malicious_fraction: float = 0.0,
         export_every: int = 0,
         export_merged: bool = False,
+        client_method: ClientMethod | None = None,
+        client_sampling: str = "uniform",
+        compute_tiers: ComputeTiers | None = None,
+        personal_eval_every: int = 0,
     ) -> None:
         if rounds < 1:
             raise ValueError(f"federation.rounds must be >= 1, got {rounds}")
@@ -125,6 +140,19 @@ class FederatedRound(pl.Callback):
         if export_every < 0:
             raise ValueError(f"federation.export_every must be >= 0, got {export_every}")
         self.export_every, self.export_merged = export_every, export_merged
+        if client_method is not None and client_method.sends_extra and not isinstance(privacy, NoPrivacy):
+            raise ValueError(
+                f"federation.client_method {client_method.name!r} sends extra tensors that federation.privacy "
+                f"{privacy.name!r} does not protect; use privacy: none or another client_method"
+            )
+        if personal_eval_every < 0:
+            raise ValueError(f"federation.personal_eval_every must be >= 0, got {personal_eval_every}")
+        self.client_method = client_method
+        self.client_sampling = check_sampling(client_sampling)
+        self.compute_tiers = compute_tiers
+        self.personal_eval_every = personal_eval_every
+        self._step_scale: list[float] | None = None
+        self._personal_shares: list[np.ndarray] | None = None
         self.attack = attack
         self.malicious_fraction = malicious_fraction
         self.malicious: frozenset[int] = frozenset()
@@ -143,6 +171,7 @@ class FederatedRound(pl.Callback):
         # run state (checkpointed)
         self.global_state: State | None = None
         self.initial_local: State = {}
+        self.base_total: State = {}  # Σ of merged base deltas (merging aggregators), see _merge_into_base
         self.client_store: dict[int, ClientState] = {}
         self.history: list[dict[str, Any]] = []
         # per-round scratch
@@ -161,6 +190,8 @@ class FederatedRound(pl.Callback):
         self._round_start = time.perf_counter()
         self._payload: bytes = b""
         self._client_start: State = {}
+        self._method_payload: bytes = b""  # the client method's extra broadcast (e.g. SCAFFOLD's c)
+        self._method_uplink: dict[int, bytes] = {}  # its extra uplink per client (e.g. Δc_i)
 
     # --- plumbing -------------------------------------------------------------------------------
 
@@ -185,6 +216,8 @@ class FederatedRound(pl.Callback):
             self.faults.dropout_after,
             self.faults.deadline_steps,
             self.faults.straggler_policy,
+            self.client_sampling,
+            self._step_scale,
         )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -207,13 +240,29 @@ class FederatedRound(pl.Callback):
         if trainer.max_epochs != self.rounds:
             raise ConfigError(f"trainer.max_epochs ({trainer.max_epochs}) must equal federation.rounds ({self.rounds})")
         self._dm = dm
+        if self.compute_tiers is not None:
+            self._step_scale = self.compute_tiers.assign(dm.num_clients, resolve_seed(self.seed))
+        if self.personal_eval_every and accuracy_key(list(pl_module.task.metrics(dm.num_classes))) is None:
+            raise ConfigError(
+                f"federation.personal_eval_every: task {pl_module.task.name!r} has no accuracy metric to personalise"
+            )
         dm.set_planner(self.plan_for)
         try:
-            self.privacy.bind(population=dm.num_clients, clients_per_round=self.clients_per_round)
+            self.privacy.bind_run(self._run_spec(dm))
         except ValueError as err:
             raise ConfigError(f"federation.privacy: {err}") from err
         order = np.random.default_rng([resolve_seed(self.seed), 0xA77AC]).permutation(dm.num_clients)
         self.malicious = frozenset(int(c) for c in order[: round(self.malicious_fraction * dm.num_clients)])
+
+    def _run_spec(self, dm: FederatedDataModule) -> RunSpec:
+        """The run's shape for the privacy mechanism: sampling, rounds, and each client's most local steps."""
+        steps = []
+        for n in dm.client_sizes:
+            k = self.local_steps if self.local_steps is not None else max(1, math.ceil(self.local_epochs * n / dm.batch_size))
+            steps.append(min(k, self.faults.deadline_steps) if self.faults.deadline_steps else k)
+        return RunSpec(
+            dm.num_clients, self.clients_per_round, self.rounds, dm.batch_size, tuple(dm.client_sizes), tuple(steps)
+        )
 
     def log_dir(self, trainer: pl.Trainer) -> Path:
         path = Path(trainer.log_dir or trainer.default_root_dir)
@@ -228,6 +277,25 @@ class FederatedRound(pl.Callback):
             self.initial_local = pl_module.peft.get_state(pl_module.model, pl_module.local_names)
         else:
             self._check_resumed_state(pl_module)
+        try:
+            self.privacy.check_model(pl_module.model)
+        except ValueError as err:
+            raise ConfigError(f"federation.privacy: {err}") from err
+        pl_module.private_step = self.privacy.private_step if self.privacy.per_sample else None
+        if self.aggregator.needs_lora:  # LoRA-aware aggregation: the pairs whose A and B both travel
+            shared = set(pl_module.shared_names)
+            try:
+                pairs = [p for p in lora_layout(pl_module.model) if p.a in shared and p.b in shared]
+                self.aggregator.bind_lora(pairs)
+            except ValueError as err:
+                raise ConfigError(f"federation.aggregator {self.aggregator.name!r}: {err}") from err
+        pl_module.kept_frozen = set(self.base_total)  # merged base weights go into round checkpoints
+        if self.client_method is not None:
+            shared = set(pl_module.shared_names)
+            self._method_params = {
+                n: p for n, p in pl_module.model.named_parameters() if p.requires_grad and n in shared
+            }
+            self.client_method.bind(list(self._method_params), self._dm.num_clients)
 
     def _check_resumed_state(self, pl_module: FederatedModule) -> None:
         """A checkpoint from another config fails here, before any round runs or anything is written."""
@@ -265,6 +333,10 @@ class FederatedRound(pl.Callback):
         self._reset_round()
         self.plan = self.plan_for(trainer.current_epoch + 1)
         self._payload = self.server.broadcast(self.global_state)
+        # merged base changes reach every client: a stateless server sends the cumulative change
+        self._base_payload = self.server.broadcast(self.base_total) if self.base_total else b""
+        if self.client_method is not None:
+            self._method_payload = self.server.broadcast(self.client_method.broadcast(self.global_state))
 
     def on_train_batch_start(self, trainer, pl_module: FederatedModule, batch: Any, batch_idx: int) -> None:
         client_id = int(batch["client_id"][0])
@@ -289,14 +361,25 @@ class FederatedRound(pl.Callback):
 
     def _start_client(self, trainer: pl.Trainer, pl_module: FederatedModule, client_id: int) -> None:
         self.current_client = client_id
-        self._client_start = self.client.receive(self._payload)
-        self.round_downlink += len(self._payload)
+        self._client_start = self.aggregator.client_view(self.client.receive(self._payload), client_id)
+        self.round_downlink += len(self._payload) + len(self._base_payload)
         peft, model = pl_module.peft, pl_module.model
         peft.set_state(model, self._client_start)
         peft.set_state(model, self.client_store.get(client_id, {}).get("local", self.initial_local))
         for optimizer in trainer.optimizers:  # every client starts with fresh optimizer state
             optimizer.state.clear()
         pl_module.skip_client = None
+        self.privacy.on_client_start(client_id, _generator(resolve_seed(self.seed), self.plan.round, 5000 + client_id))
+        if self.client_method is not None:
+            received = self.client.receive(self._method_payload) if self._method_payload else {}
+            self.round_downlink += len(self._method_payload)
+            client_state = self.client_store.get(client_id, {})  # written at client end, if it sends
+            self.client_method.start_client(client_id, self._client_start, received, client_state)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: FederatedModule, optimizer) -> None:
+        """The client method's gradient correction (FedProx's proximal gradient, SCAFFOLD's c − c_i)."""
+        if self.client_method is not None and self.current_client is not None:
+            self.client_method.correct_gradients(self._method_params, optimizer.param_groups[0]["lr"])
 
     def _finish_client(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
         client_id = self.current_client
@@ -313,6 +396,12 @@ class FederatedRound(pl.Callback):
             return
         mean_loss = sum(self._client_losses) / max(len(self._client_losses), 1)
         self._send(client_id, self._client_start, trained, {"train_loss": mean_loss})
+        if self.client_method is not None:
+            extra = self.client_method.finish_client(
+                client_id, self._client_start, trained, self.client_store.setdefault(client_id, {})
+            )
+            if extra:
+                self._method_uplink[client_id] = self.client.uplink.encode(extra)
         if pl_module.local_names:
             self.client_store[client_id]["local"] = peft.get_state(model, pl_module.local_names)
 
@@ -344,6 +433,7 @@ class FederatedRound(pl.Callback):
         self._send_malicious()
         generator = _generator(resolve_seed(self.seed), self.plan.round, 0)
         new_global, report = self.server.aggregate(self.global_state, self.updates, generator)
+        report.uplink_bytes += sum(len(b) for b in self._method_uplink.values())  # client-method extras
         self.privacy.on_round_end()  # charged because clients were queried, whatever arrived
         for client_id, reason in report.rejected.items():
             rank_zero_info(f"[fedlight] round {self.plan.round}: rejected update of client {client_id}: {reason}")
@@ -357,9 +447,32 @@ class FederatedRound(pl.Callback):
                 raise TooFewClientsError(message + "; stopping (resume from the last round checkpoint)")
             rank_zero_warn(f"[fedlight] {message}; round skipped, global model unchanged")
             new_global = self.global_state
+        elif self.client_method is not None:  # the method's server state moves with accepted updates only
+            up = self._method_uplink
+            self.client_method.server_update([(c, self.client.uplink.decode(up[c])) for c in report.accepted if c in up])
+        if report.base_delta and new_global is not self.global_state:  # a merging aggregator (not a skipped round)
+            self._merge_into_base(pl_module, report.base_delta)
         self.global_state = new_global
         pl_module.peft.set_state(pl_module.model, new_global)
         pl_module.peft.set_state(pl_module.model, self.initial_local)
+
+    def _merge_into_base(self, pl_module: FederatedModule, base_delta: State) -> None:
+        """The one place frozen base weights change (``Aggregator.merges_into_base``, e.g. FedEx-LoRA).
+
+        Added in place (fp32), so a resumed run, which loads the merged weights from the round
+        checkpoint (``FederatedModule.kept_frozen``), continues bit-identically. ``base_total`` is the
+        cumulative change: what a client must receive (counted as downlink each time one starts).
+        """
+        params = dict(pl_module.model.named_parameters())
+        with torch.no_grad():
+            for name, delta in base_delta.items():
+                param = params[name]
+                if param.requires_grad or delta.shape != param.shape:
+                    raise ValueError(f"aggregator base delta {name}: not a frozen weight of shape {tuple(param.shape)}")
+                param.add_(delta.to(param.device, param.dtype))
+                total = self.base_total.get(name)
+                self.base_total[name] = delta.float().clone() if total is None else total + delta.float()
+        pl_module.kept_frozen = set(self.base_total)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
         report = self._round_report
@@ -376,7 +489,9 @@ class FederatedRound(pl.Callback):
             "downlink_bytes": self.round_downlink,
             "train_loss": sum(self._round_losses) / max(len(self._round_losses), 1),
             **metrics,
+            **self._personal_eval(pl_module),
             "epsilon": self.privacy.epsilon(),
+            **self.privacy.metrics(),
             "round_time_s": round(time.perf_counter() - self._round_start, 3),
         }
         self._append_row(trainer, row)
@@ -397,6 +512,24 @@ class FederatedRound(pl.Callback):
                 f"(epsilon {self.privacy.epsilon():.3f})"
             )
             trainer.should_stop = True
+
+    def _personal_eval(self, pl_module: FederatedModule) -> dict[str, float]:
+        """Personalised metrics over the clients that have trained so far (see core/personal.py)."""
+        every, r = self.personal_eval_every, self.plan.round
+        if not every or (r % every and r != self.rounds):
+            return {}
+        dm = self._dm
+        if self._personal_shares is None:
+            val_labels = np.asarray([ex.get("label", 0) for ex in dm.splits.val], dtype=np.int64)
+            self._personal_shares = label_matched_split(
+                dm.client_indices, dm.splits.train_labels(), val_labels, resolve_seed(dm.seed)
+            )
+        key = accuracy_key(list(pl_module.task.metrics(pl_module.num_classes)))
+        locals_ = {c: s["local"] for c, s in self.client_store.items() if "local" in s}
+        return personal_metrics(
+            pl_module, dm.splits.val, self._personal_shares, sorted(self.client_store), locals_,
+            self.initial_local, key, dm.eval_batch_size,
+        )  # fmt: skip
 
     def _append_row(self, trainer: pl.Trainer, row: dict[str, Any]) -> None:
         row.setdefault("uplink_bytes", 0)
@@ -463,6 +596,8 @@ class FederatedRound(pl.Callback):
             "aggregator": self.aggregator.state_dict(),
             "privacy": self.privacy.state_dict(),
             "codecs": {"uplink": self.client.uplink.state_dict(), "downlink": self.client.downlink.state_dict()},
+            "client_method": self.client_method.state_dict() if self.client_method is not None else {},
+            "base_total": self.base_total,
             "rng": capture_rng(),
         }
 
@@ -471,8 +606,11 @@ class FederatedRound(pl.Callback):
         self.initial_local = state["initial_local"]
         self.client_store = state["client_store"]
         self.history = state["history"]
+        self.base_total = state.get("base_total", {})
         self.aggregator.load_state_dict(state["aggregator"])
         self.privacy.load_state_dict(state["privacy"])
         self.client.uplink.load_state_dict(state["codecs"]["uplink"])
         self.client.downlink.load_state_dict(state["codecs"]["downlink"])
+        if self.client_method is not None:
+            self.client_method.load_state_dict(state.get("client_method", {}))
         restore_rng(state["rng"])

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+from torch import nn
 
 from fedlight.core.plugin_base import Plugin
 from fedlight.core.state import State
 from fedlight.core.update import DecodedUpdate
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a privacy mechanism may need to know about the run before round 1.
+
+    ``client_steps[k]`` is the most local steps client k takes in a round it is sampled in.
+    """
+
+    population: int
+    clients_per_round: int
+    rounds: int = 1
+    batch_size: int = 1
+    client_sizes: tuple[int, ...] = ()
+    client_steps: tuple[int, ...] = field(default=())
 
 
 class Privacy(Plugin):
@@ -24,9 +41,29 @@ class Privacy(Plugin):
 
     #: noise calibrated to an unweighted mean of clipped updates: needs ``fedavg`` with uniform weighting
     requires_uniform_mean: ClassVar[bool] = False
+    #: acts inside local training (per-example): the module calls :meth:`private_step` for every batch
+    per_sample: ClassVar[bool] = False
 
     def bind(self, population: int, clients_per_round: int) -> None:
         """Receive the run's sampling (clients in the federation, clients per round) before round 1."""
+
+    def bind_run(self, spec: RunSpec) -> None:
+        """Receive the whole run's shape before round 1 (default: :meth:`bind` with its sampling)."""
+        self.bind(spec.population, spec.clients_per_round)
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ValueError (before round 1) if the mechanism cannot be sound on this model."""
+
+    def on_client_start(self, client_id: int, generator: torch.Generator) -> None:
+        """A sampled client starts local training; ``generator`` is its seeded noise source."""
+
+    def secure_clip_norm(self) -> float | None:
+        """Under secure aggregation the server cannot clip: the L2 bound each client applies itself, if any."""
+        return None
+
+    def metrics(self) -> dict[str, float]:
+        """Extra per-round values for rounds.csv (besides ``epsilon``)."""
+        return {}
 
     def on_round_end(self) -> None:
         """Account for one round."""
