@@ -34,6 +34,7 @@ PLUGIN_KEYS: dict[str, str] = {
     "uplink_codec": "codecs",
     "downlink_codec": "codecs",
     "attack": "attacks",
+    "client_method": "client_methods",
     "inner": "codecs",
 }
 

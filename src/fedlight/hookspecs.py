@@ -74,6 +74,17 @@ def fedlight_privacy() -> list[type]:
 
 
 # ---------------------------------------------------------------------------------------------
+# The client side
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def fedlight_client_methods() -> list[type]:
+    """Return :class:`fedlight.client_methods.base.ClientMethod` subclasses (local objective terms and
+    gradient corrections, e.g. FedProx, SCAFFOLD, with what extra they send)."""
+
+
+# ---------------------------------------------------------------------------------------------
 # Evaluation of defences
 # ---------------------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import pluggy
 from fedlight import hookspecs
 from fedlight.aggregators.base import Aggregator
 from fedlight.attacks.base import Attack
+from fedlight.client_methods.base import ClientMethod
 from fedlight.codecs.base import Codec
 from fedlight.data.base import Dataset
 from fedlight.errors import ConfigError
@@ -43,6 +44,7 @@ KINDS: dict[str, tuple[str, type]] = {
     "aggregators": ("fedlight_aggregators", Aggregator),
     "privacy": ("fedlight_privacy", Privacy),
     "attacks": ("fedlight_attacks", Attack),
+    "client_methods": ("fedlight_client_methods", ClientMethod),
 }
 
 #: packages whose modules may hold built-in hook implementations
@@ -55,6 +57,7 @@ BUILTIN_PACKAGES = [
     "fedlight.aggregators",
     "fedlight.privacy",
     "fedlight.attacks",
+    "fedlight.client_methods",
 ]
 
 

@@ -42,6 +42,8 @@ def plan_round(
     dropout_after: float = 0.0,
     deadline_steps: int | None = None,
     straggler_policy: str = "partial",
+    sampling: str = "uniform",
+    step_scale: Sequence[float] | None = None,
 ) -> RoundPlan:
     """Seeded sampling without replacement; depends only on its arguments, so it is resumable.
 
@@ -51,17 +53,33 @@ def plan_round(
     has after ``deadline_steps`` steps, under ``drop`` its update is lost. Lightning cannot run an
     epoch without batches, so when every sampled client drops before training the first one still
     runs one step whose update is discarded (it is listed in ``lost``).
+
+    ``sampling: weighted`` draws clients with probability proportional to their data size n_k
+    (successive draws without replacement, so with several clients per round the inclusion
+    probabilities are only approximately proportional). ``step_scale[k]`` (a compute-tier fraction)
+    scales client k's steps to ``max(1, ceil(step_scale[k] * steps))`` before the deadline applies.
     """
     num_clients = len(client_sizes)
     if not 1 <= clients_per_round <= num_clients:
         raise ValueError(f"clients_per_round must be in [1, num_clients={num_clients}], got {clients_per_round}")
     rng = np.random.default_rng([seed, round_idx])
-    clients = tuple(int(c) for c in np.sort(rng.choice(num_clients, size=clients_per_round, replace=False)))
+    if sampling == "weighted":
+        p = np.asarray(client_sizes, dtype=np.float64)
+        if (p > 0).sum() < clients_per_round:
+            raise ValueError(f"weighted sampling needs >= clients_per_round={clients_per_round} non-empty clients")
+        chosen = rng.choice(num_clients, size=clients_per_round, replace=False, p=p / p.sum())
+    elif sampling == "uniform":
+        chosen = rng.choice(num_clients, size=clients_per_round, replace=False)
+    else:
+        raise ValueError(f"client sampling must be 'uniform' or 'weighted', got {sampling!r}")
+    clients = tuple(int(c) for c in np.sort(chosen))
     if local_steps is not None:
         wanted = {c: local_steps for c in clients}
     else:
         assert local_epochs is not None
         wanted = {c: max(1, math.ceil(local_epochs * client_sizes[c] / batch_size)) for c in clients}
+    if step_scale is not None:
+        wanted = {c: max(1, math.ceil(step_scale[c] * s - 1e-9)) for c, s in wanted.items()}
     before = rng.random(len(clients)) < dropout_before
     after = rng.random(len(clients)) < dropout_after
     dropped_before = tuple(c for c, b in zip(clients, before) if b)

@@ -1,0 +1,1 @@
+"""Client methods: changes to local training (objective terms, gradient corrections) such as FedProx and SCAFFOLD."""
