@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import struct
+import zlib
 
 import pytest
 import torch
@@ -113,9 +114,32 @@ def test_truncated_and_trailing_garbage_rejected(codec: Codec) -> None:
             codec.decode(payload + extra)
 
 
-def test_header_bit_flips_never_give_silent_wrong_data(codec: Codec) -> None:
-    """Every single-bit flip in the magic, length and JSON header: a PayloadError, or (a tensor renamed,
-    which no codec can tell from a real name) an update the server's validation rejects."""
+def _reseal(payload: bytearray) -> bytes:
+    """Recompute the trailing CRC32, as a buggy or hostile encoder would: the decoder's own checks remain."""
+    body = bytes(payload[:-4])
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def test_any_flipped_byte_is_rejected_by_the_checksum(codec: Codec) -> None:
+    """Flip one byte anywhere (magic, length, header, data, checksum): always rejected, never decoded."""
+    payload = codec.encode(_state())
+    rng = random.Random(0)
+    for pos in range(len(payload)):
+        for flip in {1 << (pos % 8), rng.randrange(1, 256)}:
+            bad = bytearray(payload)
+            bad[pos] ^= flip
+            with pytest.raises(wire.PayloadError):
+                codec.decode(bytes(bad))
+    bad = bytearray(payload)
+    bad[len(bad) // 2] ^= 0x01
+    with pytest.raises(wire.PayloadError, match="checksum mismatch"):
+        codec.decode(bytes(bad))
+
+
+def test_header_bit_flips_behind_a_valid_checksum_never_give_silent_wrong_data(codec: Codec) -> None:
+    """With the checksum recomputed, every single-bit flip in the magic, length and JSON header is still a
+    PayloadError, or (a tensor renamed, which no codec can tell from a real name) an update the server's
+    validation rejects."""
     state = _state()
     payload = bytearray(codec.encode(state))
     reference = codec.decode(bytes(payload))
@@ -124,7 +148,7 @@ def test_header_bit_flips_never_give_silent_wrong_data(codec: Codec) -> None:
             bad = bytearray(payload)
             bad[pos] ^= 1 << bit
             try:
-                out = codec.decode(bytes(bad))
+                out = codec.decode(_reseal(bad))
             except wire.PayloadError:
                 continue
             if list(out) == list(reference) and all(out[k].shape == reference[k].shape for k in out):
@@ -134,19 +158,35 @@ def test_header_bit_flips_never_give_silent_wrong_data(codec: Codec) -> None:
                     validate_delta(out, state)
 
 
-def test_data_bit_flips_raise_only_payload_errors(codec: Codec) -> None:
-    """Corrupt data bytes may decode (only a checksum could tell) but never crash with another error type."""
+def test_data_bit_flips_behind_a_valid_checksum_raise_only_payload_errors(codec: Codec) -> None:
+    """Corrupt data resealed with a valid checksum may decode, but never crashes with another error type."""
     payload = codec.encode(_state())
     rng = random.Random(0)
     start = _header_end(payload)
     for _ in range(300):
         bad = bytearray(payload)
-        bad[rng.randrange(start, len(bad))] ^= 1 << rng.randrange(8)
+        bad[rng.randrange(start, len(bad) - 4)] ^= 1 << rng.randrange(8)
         try:
-            out = codec.decode(bytes(bad))
+            out = codec.decode(_reseal(bad))
         except wire.PayloadError:
             continue
         assert all(v.dtype == torch.float32 for v in out.values())
+
+
+def test_wire_format_is_versioned_and_other_versions_are_rejected() -> None:
+    payload = Int8Codec().encode(_state())
+    assert payload[:4] == b"FLW2" == wire.MAGIC and wire.VERSION == 2
+    (crc,) = struct.unpack_from("<I", payload, len(payload) - 4)
+    assert crc == zlib.crc32(payload[:-4])
+    assert len(payload) == wire.framed_size(_header_end(payload) - 8, len(payload) - _header_end(payload) - 4)
+    # version 1 (no checksum): same layout without the trailer, magic FLW1
+    v1 = b"FLW1" + payload[4:-4]
+    with pytest.raises(wire.PayloadError, match=r"version '1'.*only version 2"):
+        Int8Codec().decode(v1)
+    with pytest.raises(wire.PayloadError, match=r"version '9'"):
+        Int8Codec().decode(_reseal(bytearray(b"FLW9" + payload[4:])))
+    with pytest.raises(wire.PayloadError, match="not a fedlight payload"):
+        Int8Codec().decode(b"PK\x03\x04" + payload[4:])
 
 
 def test_payload_of_another_codec_rejected(codec: Codec) -> None:

@@ -1,21 +1,32 @@
-"""A self-describing, pickle-free wire format for named tensors.
+"""A self-describing, pickle-free, checksummed wire format for named tensors.
 
-Layout: ``MAGIC`` (4 bytes) | header length (uint32 little-endian) | UTF-8 JSON header | raw buffers.
+Layout (version 2)::
+
+    b"FLW" + version byte b"2" | header length (uint32 LE) | UTF-8 JSON header | raw buffers | CRC32 (uint32 LE)
+
 The header names the codec and its parameters and lists, per buffer, the name, dtype, shape and byte
-length, so any process with fedlight can decode a payload and check it before trusting it.
+length, so any process with fedlight can decode a payload and check it before trusting it. The trailing
+CRC32 (``zlib.crc32``) covers every byte before it (magic, length, header and data), so any single flipped
+byte, and any burst of up to 32 flipped bits, is rejected instead of decoding to different numbers.
+A payload of another wire-format version (version 1 had no checksum) is rejected naming both versions.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-MAGIC = b"FLW1"
+#: the format version this fedlight writes and the only one it reads
+VERSION = 2
+_MAGIC_PREFIX = b"FLW"
+MAGIC = _MAGIC_PREFIX + str(VERSION).encode()
 _HEADER_LEN = struct.Struct("<I")
+_CRC = struct.Struct("<I")
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -34,7 +45,13 @@ _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 class PayloadError(ValueError):
-    """A payload is truncated, oversized or inconsistent with its own header."""
+    """A payload is truncated, corrupted (checksum mismatch), of another format version, or inconsistent
+    with its own header."""
+
+
+def framed_size(header_bytes: int, data_bytes: int) -> int:
+    """Length of a payload with a JSON header of ``header_bytes`` and ``data_bytes`` of buffers."""
+    return len(MAGIC) + _HEADER_LEN.size + header_bytes + data_bytes + _CRC.size
 
 
 @dataclass
@@ -69,7 +86,29 @@ def pack(buffers: list[Buffer], meta: dict[str, Any]) -> bytes:
         )
         blobs.append(blob)
     header = json.dumps({"meta": meta, "buffers": entries}, separators=(",", ":")).encode()
-    return b"".join([MAGIC, _HEADER_LEN.pack(len(header)), header, *blobs])
+    body = b"".join([MAGIC, _HEADER_LEN.pack(len(header)), header, *blobs])
+    return body + _CRC.pack(zlib.crc32(body))
+
+
+def _check_frame(payload: bytes) -> None:
+    """Magic, version and checksum, before anything in the payload is parsed."""
+    if len(payload) < len(MAGIC) or payload[:3] != _MAGIC_PREFIX:
+        raise PayloadError("not a fedlight payload (bad magic or truncated before the header)")
+    if payload[3:4] != MAGIC[3:4]:
+        version = payload[3:4].decode("ascii", "replace")
+        raise PayloadError(
+            f"payload is in fedlight wire format version {version!r}; this fedlight reads only version {VERSION} "
+            "(checksummed): encode it with the same fedlight version on both sides"
+        )
+    if len(payload) < len(MAGIC) + _HEADER_LEN.size + _CRC.size:
+        raise PayloadError(f"payload of {len(payload)} bytes is truncated before the end of its header")
+    (stored,) = _CRC.unpack_from(payload, len(payload) - _CRC.size)
+    actual = zlib.crc32(memoryview(payload)[: len(payload) - _CRC.size])
+    if stored != actual:
+        raise PayloadError(
+            f"payload checksum mismatch (CRC32 stored {stored:#010x}, computed {actual:#010x}): "
+            "the payload was corrupted or truncated in transit"
+        )
 
 
 def unpack(payload: bytes) -> tuple[list[Buffer], dict[str, Any]]:
@@ -77,11 +116,11 @@ def unpack(payload: bytes) -> tuple[list[Buffer], dict[str, Any]]:
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise PayloadError(f"payload must be bytes, got {type(payload).__name__}")
     payload = bytes(payload)
-    if len(payload) < len(MAGIC) + _HEADER_LEN.size or payload[:4] != MAGIC:
-        raise PayloadError("not a fedlight payload (bad magic or truncated before the header)")
-    (hlen,) = _HEADER_LEN.unpack_from(payload, 4)
-    start = 4 + _HEADER_LEN.size
-    if hlen > MAX_HEADER_BYTES or start + hlen > len(payload):
+    _check_frame(payload)
+    end = len(payload) - _CRC.size  # the buffers end where the checksum starts
+    (hlen,) = _HEADER_LEN.unpack_from(payload, len(MAGIC))
+    start = len(MAGIC) + _HEADER_LEN.size
+    if hlen > MAX_HEADER_BYTES or start + hlen > end:
         raise PayloadError(f"header length {hlen} exceeds the payload ({len(payload)} bytes): truncated or corrupt")
     try:
         header = json.loads(payload[start : start + hlen].decode())
@@ -103,12 +142,12 @@ def unpack(payload: bytes) -> tuple[list[Buffer], dict[str, Any]]:
         expected = numel * torch.empty((), dtype=dtype).element_size()
         if nbytes != expected:
             raise PayloadError(f"buffer {name!r}: {nbytes} bytes but shape {shape} of {e['dtype']} needs {expected}")
-        if offset + nbytes > len(payload):
+        if offset + nbytes > end:
             raise PayloadError(f"buffer {name!r} runs past the end of the payload: truncated")
         raw = bytearray(payload[offset : offset + nbytes])
         offset += nbytes
         flat = torch.frombuffer(raw, dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
         buffers.append(Buffer(name, flat.view(dtype).reshape(shape)))
-    if offset != len(payload):
-        raise PayloadError(f"{len(payload) - offset} unexpected trailing bytes after the last buffer")
+    if offset != end:
+        raise PayloadError(f"{end - offset} unexpected trailing bytes after the last buffer")
     return buffers, meta

@@ -32,7 +32,7 @@ MANIFEST_VERSION = 1
 def identity_payload_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
     """``len(IdentityCodec().encode(state))`` for fp32 tensors of these shapes, without materialising them.
 
-    Mirrors :func:`fedlight.codecs.wire.pack` (magic, header length, JSON header, raw buffers), so a
+    Mirrors :func:`fedlight.codecs.wire.pack` (magic, header length, JSON header, raw buffers, CRC32), so a
     billion-parameter model costs no memory; the manifest test checks it against a real encode.
     """
     entries, total = [], 0
@@ -45,7 +45,7 @@ def identity_payload_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
         total += nbytes
     meta = {"codec": IdentityCodec.name, **IdentityCodec().wire_params()}
     header = json.dumps({"meta": meta, "buffers": entries}, separators=(",", ":")).encode()
-    return len(wire.MAGIC) + 4 + len(header) + total
+    return wire.framed_size(len(header), total)
 
 
 def full_model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
