@@ -45,6 +45,7 @@ from fedlight.errors import ConfigError
 from fedlight.privacy.base import Privacy, RunSpec
 from fedlight.peft.lora_variants import lora_layout
 from fedlight.privacy.none import NoPrivacy
+from fedlight.privacy.secure_round import SecureAggregation, SecureRound, check_composition
 
 MB = 1e6
 ROUNDS_CSV = "rounds.csv"
@@ -85,6 +86,9 @@ class FederatedRound(pl.Callback):
         personal_eval_every: every N rounds (and after the last) evaluate each participating client's
             personalised model (global shared + its local tensors) on its label-matched share of the
             validation split; logs ``val_acc_personal_mean/std/min``; 0 disables.
+        secure_aggregation: pairwise-masked secure aggregation (SecAgg): the server only ever holds
+            masked updates and their sum; refuses robust aggregators, ``max_update_norm`` and lossy
+            uplink codecs (see docs/privacy.md for the composition matrix).
     """
 
     def __init__(
@@ -110,6 +114,7 @@ class FederatedRound(pl.Callback):
         client_sampling: str = "uniform",
         compute_tiers: ComputeTiers | None = None,
         personal_eval_every: int = 0,
+        secure_aggregation: SecureAggregation | None = None,
     ) -> None:
         if rounds < 1:
             raise ValueError(f"federation.rounds must be >= 1, got {rounds}")
@@ -166,6 +171,11 @@ class FederatedRound(pl.Callback):
         self.privacy = privacy
         self.client = ClientPipeline(uplink_codec, downlink_codec, privacy)
         self.server = ServerPipeline(uplink_codec, downlink_codec, aggregator, privacy, max_update_norm)
+        check_composition(
+            secure_aggregation, aggregator, privacy, uplink_codec, max_update_norm, clients_per_round, client_method
+        )
+        self.secure_aggregation = secure_aggregation
+        self._secure: SecureRound | None = None  # this round's protocol state (never checkpointed)
         self.seed = seed
         self.eval_before_training = eval_before_training
         # run state (checkpointed)
@@ -333,6 +343,13 @@ class FederatedRound(pl.Callback):
         self._reset_round()
         self.plan = self.plan_for(trainer.current_epoch + 1)
         self._payload = self.server.broadcast(self.global_state)
+        if self.secure_aggregation is not None:  # key advertisement and share exchange among those who train
+            session = f"{resolve_seed(self.seed)}/{self.plan.round}".encode()
+            self._secure = SecureRound(
+                self.secure_aggregation, self.global_state, list(self.plan.training), session,
+                self.privacy.secure_clip_norm(), self.clients_per_round,
+            )  # fmt: skip
+            self.round_downlink += self._secure.downlink_overhead
         # merged base changes reach every client: a stateless server sends the cumulative change
         self._base_payload = self.server.broadcast(self.base_total) if self.base_total else b""
         if self.client_method is not None:
@@ -406,6 +423,15 @@ class FederatedRound(pl.Callback):
             self.client_store[client_id]["local"] = peft.get_state(model, pl_module.local_names)
 
     def _send(self, client_id: int, start: State, trained: State, metrics: dict[str, float]) -> None:
+        if self._secure is not None:  # client side of secure aggregation: only a masked vector leaves
+            generator = _generator(resolve_seed(self.seed), self.plan.round, 1000 + client_id)
+            delta = self.privacy.client_transform(subtract(trained, start), generator)
+            update = self._secure.client_update(client_id, delta, self._dm.client_sizes[client_id], metrics)
+            if update is not None:
+                self.updates.append(update)
+            elif self._secure.failure is None:
+                self.failed[client_id] = "update not sent: NaN/Inf values (checked on the client under secure aggregation)"
+            return
         self.updates.append(
             self.client.finish(
                 client_id,
@@ -432,7 +458,11 @@ class FederatedRound(pl.Callback):
     def _end_round(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
         self._send_malicious()
         generator = _generator(resolve_seed(self.seed), self.plan.round, 0)
-        new_global, report = self.server.aggregate(self.global_state, self.updates, generator)
+        if self._secure is not None:  # the server path holds masked vectors and their sum only
+            new_global, report = self._secure.aggregate(self.server, self.global_state, self.updates, generator)
+            self.round_downlink += self._secure.late_downlink
+        else:
+            new_global, report = self.server.aggregate(self.global_state, self.updates, generator)
         report.uplink_bytes += sum(len(b) for b in self._method_uplink.values())  # client-method extras
         self.privacy.on_round_end()  # charged because clients were queried, whatever arrived
         for client_id, reason in report.rejected.items():

@@ -19,6 +19,8 @@ class AggregationReport:
     accepted: list[int] = field(default_factory=list)
     rejected: dict[int, str] = field(default_factory=dict)
     uplink_bytes: int = 0
+    #: additive changes to frozen base weights from a merging aggregator (``Aggregator.merges_into_base``)
+    base_delta: State = field(default_factory=dict)
 
 
 def validate_delta(delta: State, reference: State, max_norm: float | None = None) -> None:
@@ -71,6 +73,19 @@ class ServerPipeline:
         report.accepted = [u.client_id for u in decoded]
         if not decoded:
             return global_state, report
-        new_global = self.aggregator.aggregate(global_state, decoded)
+        new_global, report.base_delta = self.aggregator.aggregate_with_base(global_state, decoded)
         new_global = self.privacy.post_aggregate(global_state, new_global, len(decoded), generator)
         return new_global, report
+
+    def aggregate_secure_sum(
+        self, global_state: State, total: State, count: int, num_examples: int, generator: torch.Generator
+    ) -> State:
+        """New global state from the securely summed deltas of ``count`` clients (secure aggregation).
+
+        No individual update exists here: the aggregator gets one pseudo-update, the mean delta (so
+        only mean-based aggregators are allowed, see ``privacy.secure_round.check_composition``), and
+        the privacy plugin's ``post_aggregate`` noises the result as in the plain path.
+        """
+        mean = {k: v / count for k, v in total.items()}
+        new_global = self.aggregator.aggregate(global_state, [DecodedUpdate(-1, num_examples, mean)])
+        return self.privacy.post_aggregate(global_state, new_global, count, generator)

@@ -61,6 +61,16 @@ class Privacy(Plugin):
         """Under secure aggregation the server cannot clip: the L2 bound each client applies itself, if any."""
         return None
 
+    def secure_aggregation_problem(self) -> str | None:
+        """Why this mechanism cannot run under secure aggregation (None: it can).
+
+        The server never sees individual updates there, so a mechanism that transforms them on the
+        server (``server_transform``) must say how the client does it instead (``secure_clip_norm``).
+        """
+        if type(self).server_transform is not Privacy.server_transform and self.secure_clip_norm() is None:
+            return "transforms individual updates on the server, which never sees them under secure aggregation"
+        return None
+
     def metrics(self) -> dict[str, float]:
         """Extra per-round values for rounds.csv (besides ``epsilon``)."""
         return {}

@@ -205,6 +205,18 @@ class DPFedAvg(Privacy):
         self._pending_count = (float(unclipped), len(updates))
         return out
 
+    def secure_clip_norm(self) -> float:
+        """Under secure aggregation each client clips its own delta to C (the server cannot)."""
+        return self.clip_norm
+
+    def secure_aggregation_problem(self) -> str | None:
+        if self.adaptive_clipping:
+            return (
+                "adaptive_clipping counts unclipped updates on the server, which never sees them under secure "
+                "aggregation; use fixed clipping (adaptive_clipping: false)"
+            )
+        return None
+
     def post_aggregate(self, old_global: State, new_global: State, num_updates: int, generator: torch.Generator) -> State:
         if num_updates < 1:
             return new_global

@@ -1,0 +1,244 @@
+"""Secure aggregation in real runs: the ``federation.secure_aggregation`` section and one round of SecAgg.
+
+The protocol objects are those of :mod:`fedlight.privacy.secure_agg`. Per round:
+
+* round start: every client that will train (the round plan's ``training``) advertises keys and
+  shares its secrets (steps 0-1); this is the share-holding set U1. Clients that drop before
+  training never join.
+* client end: the client-side path takes the privacy plugin's ``client_transform``, checks the
+  update is finite (the server cannot: a non-finite update is *not sent*, the client counts as
+  failed), clips it to the privacy plugin's bound if it has one (the server cannot clip either),
+  quantises it and sends only the masked ring vector ``y_u`` as its payload.
+* round end: the server-side path parses payloads (length is the only check it can make), sums the
+  masked vectors, asks the survivors for shares, and unmasks the **sum**; clients that dropped after
+  masking (``faults.dropout_after``, stragglers dropped at the deadline, crashed clients) are removed
+  through Shamir reconstruction of their mask keys. The aggregator sees one pseudo-update, the mean
+  of the survivors' deltas, and the privacy plugin's ``post_aggregate`` adds its central noise to it.
+
+Bytes: ``uplink`` counts the masked payloads (4 bytes per trainable element per survivor), plus the
+key advertisements (64 B), the encrypted share bundles and the revealed shares (70 B each: 4 B id +
+66 B field element); ``downlink`` adds the roster, the routed bundles and the survivor list.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from fedlight.core.server import AggregationReport, ServerPipeline
+from fedlight.core.state import State, is_finite
+from fedlight.core.update import ClientUpdate
+from fedlight.privacy.dp_fedavg import clip_state
+from fedlight.privacy.secure_agg import RING, RING_BITS, Quantizer, SecAggClient, SecAggServer
+
+#: aggregators that only need the mean delta (so they can run on a secure sum), by registered name
+SUM_AGGREGATORS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+SHARE_BYTES = 4 + 66  # recipient/owner id + one GF(2^521 - 1) element
+
+
+@dataclass
+class SecureAggregation:
+    """The ``federation.secure_aggregation`` section: pairwise-masked SecAgg (Bonawitz et al. 2017; Bell et al. 2020).
+
+    Args:
+        threshold: fraction of the clients that shared keys in a round whose shares are needed to
+            unmask (Shamir threshold t = max(2, ceil(threshold * |U1|))); a round with fewer
+            survivors fails (no update is revealed) and is handled like a round with too few clients.
+        clip: per-coordinate range of the fixed-point encoding; coordinates beyond it are clamped
+            on the client. Null: the privacy plugin's client-side L2 bound C (no coordinate can
+            exceed it), else 1.0.
+        scale: fixed-point scale; null picks the largest power of two for which the sum of
+            ``clients_per_round`` inputs cannot overflow the signed 32-bit ring.
+    """
+
+    threshold: float = 0.5
+    clip: float | None = None
+    scale: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"federation.secure_aggregation.threshold must be in (0, 1], got {self.threshold}")
+        if self.clip is not None and not (self.clip > 0 and math.isfinite(self.clip)):
+            raise ValueError(f"federation.secure_aggregation.clip must be > 0 or null, got {self.clip}")
+        if self.scale is not None and not (self.scale > 0 and math.isfinite(self.scale)):
+            raise ValueError(f"federation.secure_aggregation.scale must be > 0 or null, got {self.scale}")
+
+    def quantizer(self, clip_norm: float | None, max_clients: int) -> Quantizer:
+        clip = self.clip if self.clip is not None else (clip_norm if clip_norm is not None else 1.0)
+        scale = self.scale
+        if scale is None:
+            limit = 2 ** (RING_BITS - 1) / max_clients - 1
+            scale = 2.0 ** math.floor(math.log2(max(limit, 1.0) / clip))
+        try:
+            return Quantizer(clip=clip, scale=scale, max_clients=max_clients)
+        except ValueError as err:
+            raise ValueError(f"federation.secure_aggregation: {err}") from None
+
+
+def check_composition(
+    secure: SecureAggregation | None,
+    aggregator,
+    privacy,
+    uplink_codec,
+    max_update_norm: float | None,
+    clients_per_round: int,
+    client_method=None,
+) -> None:
+    """Refuse combinations that are unsound with secure aggregation (the composition matrix of docs/privacy.md)."""
+    if secure is None:
+        return
+    where = "federation.secure_aggregation"
+    name = getattr(aggregator, "name", type(aggregator).__name__)
+    if name not in SUM_AGGREGATORS:
+        raise ValueError(
+            f"{where}: aggregator {name!r} needs every individual update, which the server never sees under secure "
+            f"aggregation (robust aggregation cannot run on a masked sum); use one of {list(SUM_AGGREGATORS)}, "
+            "or drop secure_aggregation"
+        )
+    if getattr(aggregator, "weighting", "uniform") != "uniform":
+        raise ValueError(
+            f"{where}: the secure sum is an unweighted sum; set the aggregator's weighting: uniform"
+        )
+    if max_update_norm is not None:
+        raise ValueError(
+            f"{where}: federation.max_update_norm checks each update on the server, which only sees the masked sum; "
+            "set it to null (bound updates on the client with a clipping privacy plugin such as dp_fedavg)"
+        )
+    if getattr(uplink_codec, "name", "identity") != "identity":
+        raise ValueError(
+            f"{where}: uplink_codec {uplink_codec.name!r} cannot compress masked ring elements; use uplink_codec: identity"
+        )
+    problem = privacy.secure_aggregation_problem()
+    if problem:
+        raise ValueError(f"{where}: federation.privacy {privacy.name!r} {problem}")
+    if client_method is not None and getattr(client_method, "sends_extra", False):
+        raise ValueError(
+            f"{where}: client_method {client_method.name!r} sends extra per-client tensors in the clear; "
+            "they would bypass secure aggregation"
+        )
+    if clients_per_round < 2:
+        raise ValueError(f"{where}: needs clients_per_round >= 2 (the sum of one client is its update)")
+
+
+def _flatten(state: State) -> np.ndarray:
+    return np.concatenate([v.detach().reshape(-1).double().cpu().numpy() for v in state.values()]) if state else np.zeros(0)
+
+
+def _unflatten(vector: np.ndarray, template: State) -> State:
+    out, pos = {}, 0
+    for k, v in template.items():
+        n = v.numel()
+        out[k] = torch.from_numpy(vector[pos : pos + n].astype(np.float32)).reshape(v.shape)
+        pos += n
+    return out
+
+
+class SecureRound:
+    """One round of secure aggregation over the clients that train in it (simulated in-process).
+
+    The client-side objects (``SecAggClient``, their inputs) live in ``_clients`` and are used only
+    by :meth:`client_update` and the share reveal; :meth:`aggregate` is the server path: it touches
+    only ``ClientUpdate`` payloads (masked vectors) and the ``SecAggServer``.
+    """
+
+    def __init__(
+        self,
+        config: SecureAggregation,
+        template: State,
+        participants: list[int],
+        session: bytes,
+        clip_norm: float | None,
+        max_clients: int,
+    ) -> None:
+        self.template = {k: v.detach() for k, v in template.items()}
+        self.dim = sum(v.numel() for v in template.values())
+        self.quantizer = config.quantizer(clip_norm, max_clients)
+        self.clip_norm = clip_norm
+        if clip_norm is not None:  # rounding to the grid moves the norm by at most sqrt(d) / (2 scale)
+            self.client_clip = clip_norm - math.sqrt(self.dim) / (2 * self.quantizer.scale)
+            if self.client_clip <= 0:
+                raise ValueError("federation.secure_aggregation.scale is too small for the clip norm; raise it")
+        self.participants = sorted(participants)
+        self.threshold = max(2, math.ceil(config.threshold * len(self.participants)))
+        self.server = SecAggServer(self.threshold, self.dim, session)
+        self.uplink_overhead = 0
+        self.downlink_overhead = 0  # key set-up, sent before training
+        self.late_downlink = 0  # the survivor list, sent at unmasking
+        self.failure: str | None = None
+        self._clients = {i: SecAggClient(i, self.threshold, session) for i in self.participants}
+        if len(self.participants) < self.threshold:
+            self.failure = f"{len(self.participants)} clients joined, fewer than the threshold {self.threshold}"
+            self._clients = {}
+            return
+        for i, c in self._clients.items():  # step 0: advertise keys
+            self.server.receive_keys(i, c.advertise())
+            self.uplink_overhead += 64
+        roster = self.server.roster
+        for i, c in self._clients.items():  # step 1: share keys, routed through the server
+            self.downlink_overhead += 64 * (len(roster) - 1)
+            bundles = c.share_keys(roster)
+            self.uplink_overhead += sum(len(ct) for ct in bundles.values())
+            self.server.receive_bundles(i, bundles)
+        for i, c in self._clients.items():
+            routed = self.server.bundles_for(i)
+            self.downlink_overhead += sum(len(ct) for ct in routed.values())
+            c.receive_shares(routed)
+
+    # --- client side --------------------------------------------------------------------------------
+
+    def client_update(self, client_id: int, delta: State, num_examples: int, metrics: dict[str, float]) -> ClientUpdate | None:
+        """The masked payload of one client, or None when the client refuses to send (non-finite update)."""
+        if self.failure is not None or client_id not in self._clients:
+            return None
+        if not is_finite(delta):
+            return None
+        if self.clip_norm is not None:
+            delta, _ = clip_state(delta, self.client_clip)
+        x = _flatten(delta)
+        clamped = int(np.sum(np.abs(x) > self.quantizer.clip))
+        if clamped:
+            rank_zero_warn(
+                f"[fedlight] secure aggregation: client {client_id} clamped {clamped} coordinates to "
+                f"+-{self.quantizer.clip} (raise federation.secure_aggregation.clip)"
+            )
+        y = self._clients[client_id].masked_input(self.quantizer.encode(x), self.server.u1)
+        return ClientUpdate(client_id, num_examples, y.astype("<u4").tobytes(), dict(metrics))
+
+    # --- server side ---------------------------------------------------------------------------------
+
+    def aggregate(
+        self, server: ServerPipeline, global_state: State, updates: list[ClientUpdate], generator: torch.Generator
+    ) -> tuple[State, AggregationReport]:
+        """New global state from the unmasked sum; individual payloads are only ever masked vectors."""
+        report = AggregationReport(uplink_bytes=sum(u.num_bytes for u in updates) + self.uplink_overhead)
+        if self.failure is not None:
+            report.rejected.update({c: self.failure for c in self.participants})
+            return global_state, report
+        examples = 0
+        for update in updates:
+            if update.num_bytes != 4 * self.dim:
+                report.rejected[update.client_id] = f"masked payload of {update.num_bytes} bytes, expected {4 * self.dim}"
+                continue
+            try:
+                self.server.receive_masked(update.client_id, np.frombuffer(update.payload, dtype="<u4").astype(RING))
+            except ValueError as err:
+                report.rejected[update.client_id] = str(err)
+                continue
+            examples += update.num_examples
+        survivors = self.server.survivors
+        if len(survivors) < self.threshold:
+            reason = f"only {len(survivors)} masked updates arrived, fewer than the threshold {self.threshold}: not unmasked"
+            report.rejected.update({c: reason for c in survivors})
+            return global_state, report
+        self.late_downlink += 4 * len(survivors) * len(survivors)  # the survivor list, to each survivor
+        reveals = {v: self._clients[v].unmask(survivors) for v in survivors}  # client side answers
+        self.uplink_overhead += sum(SHARE_BYTES * (len(r["b"]) + len(r["s"])) for r in reveals.values())
+        report.uplink_bytes += sum(SHARE_BYTES * (len(r["b"]) + len(r["s"])) for r in reveals.values())
+        total = _unflatten(self.quantizer.decode_sum(self.server.finish(reveals)), self.template)
+        report.accepted = list(survivors)
+        new_global = server.aggregate_secure_sum(global_state, total, len(survivors), examples, generator)
+        return new_global, report
