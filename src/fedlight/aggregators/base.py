@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 from fedlight.core.plugin_base import Plugin
 from fedlight.core.state import State, weighted_sum
@@ -17,8 +18,30 @@ class Aggregator(Plugin):
     ``state_dict()`` so it is checkpointed with the round.
     """
 
+    #: True when the aggregator needs the model's LoRA layout: the round loop calls :meth:`bind_lora`
+    #: with :func:`fedlight.peft.lora_variants.lora_layout` before round 1 (a non-LoRA model fails then)
+    needs_lora: ClassVar[bool] = False
+    #: True when :meth:`aggregate_with_base` may also change frozen base weights (FedEx-LoRA, FLoRA)
+    merges_into_base: ClassVar[bool] = False
+
     def aggregate(self, global_state: State, updates: list[DecodedUpdate]) -> State:
         raise NotImplementedError
+
+    def aggregate_with_base(self, global_state: State, updates: list[DecodedUpdate]) -> tuple[State, State]:
+        """``(new global state, base delta)``: what the server pipeline calls.
+
+        The base delta maps frozen base-weight names to additive changes; it is empty unless
+        ``merges_into_base``. The round loop applies it to the frozen weights, checkpoints the merged
+        weights and counts its encoded bytes as downlink (every client must receive it).
+        """
+        return self.aggregate(global_state, updates), {}
+
+    def bind_lora(self, pairs: list) -> None:
+        """Receive the model's LoRA layout (a list of ``LoraPair``); only called when ``needs_lora``."""
+
+    def client_view(self, global_state: State, client_id: int) -> State:
+        """What client ``client_id`` starts its round from (e.g. the global LoRA truncated to its rank)."""
+        return global_state
 
 
 WEIGHTINGS = ("examples", "uniform")
