@@ -183,6 +183,25 @@ def print_plugins(stream=None) -> None:
             print(f"  {name:<22} {entry.cls.summary()}  [{entry.provider}]", file=stream)
     for package, error in sorted(registry.failures.items()):
         print(f"failed to load plugin package {package}: {error.splitlines()[0]}", file=stream)
+    print_plugin_packages(stream)
+
+
+def print_plugin_packages(stream=None) -> None:
+    """Installed packages in the ``fedlight`` entry-point group, with or without plugin classes (e.g. engines)."""
+    import importlib.metadata
+
+    from fedlight.plugins import DISABLE_AUTOLOAD_ENV, ENTRY_POINT_GROUP
+
+    if os.environ.get(DISABLE_AUTOLOAD_ENV, "") in ("1", "true", "yes"):
+        return
+    eps = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.value)
+    if eps:
+        print("plugin packages:", file=stream or sys.stdout)
+    for ep in eps:
+        dist = ep.dist
+        name, version = (dist.name, dist.version) if dist is not None else (ep.value, "")
+        summary = dist.metadata.get("Summary", "") if dist is not None else ""
+        print(f"  {name} {version:<10} {summary}  [{ep.name} = {ep.value}]", file=stream or sys.stdout)
 
 
 def show_partitions(argv: list[str]) -> int:
@@ -212,6 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["plugins"]:
         print_plugins()
         return 0
+    if argv[:1] == ["flower"]:  # the engine switch: the same YAML on Flower (plugins/fedlight-flower)
+        try:
+            from fedlight_flower.cli import main as flower_main
+        except ImportError:
+            print('fedlight: error: `fedlight flower` needs: pip install "fedlight-flower[simulation]"', file=sys.stderr)
+            return 2
+        return flower_main(argv[1:])
     if argv[:1] == ["partitions"]:
         try:
             return show_partitions(argv[1:])
