@@ -97,6 +97,18 @@ def test_quiet_offline_environment():
     assert os.environ["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"  # set on import
 
 
+def test_fedlight_plugins_lists_the_package(monkeypatch, capsys):
+    from fedlight.cli import main, print_plugin_packages
+
+    monkeypatch.delenv("FEDLIGHT_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+    print_plugin_packages()
+    assert "fedlight-flower" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:  # the engine switch: `fedlight flower ...` is fedlight-flower
+        main(["flower", "--help"])
+    assert exit_info.value.code == 0
+    assert "fedlight-flower simulate --config" in capsys.readouterr().out
+
+
 def test_deploy_writes_a_flower_app(tmp_path):
     import tomllib
 
