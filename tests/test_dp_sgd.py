@@ -182,3 +182,17 @@ def test_dp_sgd_run_logs_per_client_epsilon_and_learns(tmp_path):
     steps = sum(acc.steps for acc in fed.privacy.accountants.values())
     assert steps == 2 * 2 * 2  # rounds x clients per round x local steps: every private step is charged
     assert all(math.isfinite(float(r["train_loss"])) for r in rows)
+
+
+def test_dp_fedavg_null_noise_multiplier_is_picked_for_the_target_epsilon():
+    from fedlight.privacy.dp_fedavg import DPFedAvg
+
+    with pytest.raises(ValueError, match="target_epsilon"):
+        DPFedAvg(noise_multiplier=None)
+    p = DPFedAvg(noise_multiplier=None, target_epsilon=4.0)
+    p.bind_run(RunSpec(population=20, clients_per_round=5, rounds=6))
+    assert p.noise_multiplier > 0
+    for _ in range(6):
+        assert not p.would_exceed(1)
+        p.on_round_end()
+    assert p.epsilon() <= 4.0 and p.epsilon() == pytest.approx(4.0, rel=0.02) and p.would_exceed(1)

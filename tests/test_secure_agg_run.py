@@ -135,7 +135,9 @@ def test_secure_run_equals_plain_run_and_survives_dropout(tiny_bert_dir, tmp_pat
         "privacy": {"class_path": "dp_fedavg", "init_args": {"noise_multiplier": 1.0, "clip_norm": 0.5}},
         "faults": {"dropout_after": 0.3},
     }
-    run = round_callback(run_fit(text_config(tiny_bert_dir, tmp_path / "dp", federation=dropout_fed), tmp_path / "dp"))
+    local_head = {"peft": {"class_path": "lora", "init_args": {"r": 2, "alpha": 4, "head": "local"}}}  # client-kept tensors too
+    cfg = text_config(tiny_bert_dir, tmp_path / "dp", federation=dropout_fed, model=local_head)
+    run = round_callback(run_fit(cfg, tmp_path / "dp"))
     rows = read_rounds(tmp_path / "dp")[1:]
     assert all(float(r["epsilon"]) > 0 for r in rows)
     assert sum(int(r["num_clients"]) for r in rows) < 8 and all(math.isfinite(v.sum()) for v in run.global_state.values())

@@ -427,6 +427,7 @@ class FederatedRound(pl.Callback):
             generator = _generator(resolve_seed(self.seed), self.plan.round, 1000 + client_id)
             delta = self.privacy.client_transform(subtract(trained, start), generator)
             update = self._secure.client_update(client_id, delta, self._dm.client_sizes[client_id], metrics)
+            self.client_store.setdefault(client_id, {})  # local tensors are stored there after sending
             if update is not None:
                 self.updates.append(update)
             elif self._secure.failure is None:

@@ -20,8 +20,8 @@ import torch
 from fedlight.core.state import State, subtract
 from fedlight.core.update import DecodedUpdate
 from fedlight.hookspecs import hookimpl
-from fedlight.privacy.accounting import Accountant, make_record
-from fedlight.privacy.base import Privacy
+from fedlight.privacy.accounting import Accountant, make_record, noise_for_epsilon
+from fedlight.privacy.base import Privacy, RunSpec
 
 
 def state_norm(state: dict[str, torch.Tensor]) -> float:
@@ -86,7 +86,9 @@ class DPFedAvg(Privacy):
     together is accounted as one Gaussian mechanism with ``noise_multiplier`` (the paper's Thm. 1).
 
     Args:
-        noise_multiplier: sigma, the overall noise multiplier that is accounted.
+        noise_multiplier: sigma, the overall noise multiplier that is accounted; null (with
+            ``target_epsilon``) picks the smallest sigma for which ``federation.rounds`` rounds fit the
+            budget (dp-accounting's calibration, via ``accounting.noise_for_epsilon``).
         clip_norm: C (the initial C with adaptive clipping).
         delta: the delta at which ``epsilon()`` is reported.
         population: number of clients that can be sampled (for sampling rate / accounting);
@@ -108,7 +110,7 @@ class DPFedAvg(Privacy):
 
     def __init__(
         self,
-        noise_multiplier: float = 1.0,
+        noise_multiplier: float | None = 1.0,
         clip_norm: float = 1.0,
         delta: float = 1e-5,
         population: int | None = None,
@@ -121,7 +123,9 @@ class DPFedAvg(Privacy):
         clip_learning_rate: float = 0.2,
         clipped_count_stddev: float | None = None,
     ) -> None:
-        if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
+        if noise_multiplier is None and target_epsilon is None:
+            raise ValueError("dp_fedavg noise_multiplier: null needs target_epsilon (sigma is picked for the budget)")
+        if noise_multiplier is not None and not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
             raise ValueError(f"dp_fedavg noise_multiplier must be > 0, got {noise_multiplier}")
         if not (clip_norm > 0 and math.isfinite(clip_norm)):
             raise ValueError(f"dp_fedavg clip_norm must be > 0, got {clip_norm}")
@@ -139,7 +143,7 @@ class DPFedAvg(Privacy):
             raise ValueError(f"dp_fedavg target_quantile must be in (0, 1), got {target_quantile}")
         if not clip_learning_rate > 0:
             raise ValueError(f"dp_fedavg clip_learning_rate must be > 0, got {clip_learning_rate}")
-        self.noise_multiplier = float(noise_multiplier)
+        self.noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
         self.clip_norm = float(clip_norm)
         self.delta = float(delta)
         self.population = population
@@ -177,10 +181,25 @@ class DPFedAvg(Privacy):
         sigma_b = self._clipped_count_stddev
         self._set_count_noise(0.05 * clients_per_round if sigma_b is None else sigma_b)
 
+    def bind_run(self, spec: RunSpec) -> None:
+        """Bind the sampling; with ``noise_multiplier: null`` pick sigma so ``spec.rounds`` rounds fit ``target_epsilon``."""
+        self.bind(spec.population, spec.clients_per_round)
+        if self.noise_multiplier is None:
+            fixed = self.sampling == "fixed"
+            sigma = noise_for_epsilon(
+                self.target_epsilon, self.delta, self.clients_per_round / self.population, spec.rounds,
+                self.sampling, self.population if fixed else None, self.clients_per_round if fixed else None,
+                self.accountant.method,
+            )  # fmt: skip
+            self.noise_multiplier = 2 * sigma if fixed else sigma  # fixed: the event's multiplier is sigma / 2
+            self._set_count_noise(self.clipped_count_stddev)
+
     def _set_count_noise(self, sigma_b: float) -> None:
         self.clipped_count_stddev = float(sigma_b)
         if self.clipped_count_stddev < 0:
             raise ValueError(f"dp_fedavg clipped_count_stddev must be >= 0, got {self.clipped_count_stddev}")
+        if self.noise_multiplier is None:  # checked once bind_run has picked sigma
+            return
         if self.adaptive_clipping and 2 * self.clipped_count_stddev <= self.noise_multiplier:
             raise ValueError(
                 f"dp_fedavg clipped_count_stddev ({self.clipped_count_stddev}) must exceed noise_multiplier / 2 "
