@@ -46,3 +46,50 @@ def test_dp_sampling_must_match_the_run(tiny_bert_dir, tmp_path):
     cfg = text_config(tiny_bert_dir, tmp_path, federation={"privacy": _dp(population=100), "aggregator": UNIFORM})
     with pytest.raises(ValueError, match="population=100 disagrees with the run"):
         run_fit(cfg, tmp_path)
+
+
+def test_nan_and_zero_updates_never_poison_a_dp_round():
+    import torch
+
+    from fedlight.aggregators.fedavg import FedAvg
+    from fedlight.codecs.identity import IdentityCodec
+    from fedlight.core.server import ServerPipeline
+    from fedlight.core.update import ClientUpdate
+    from fedlight.privacy.dp_fedavg import DPFedAvg
+
+    codec = IdentityCodec()
+    dp = DPFedAvg(noise_multiplier=0.5, clip_norm=1.0, population=10, clients_per_round=3)
+    server = ServerPipeline(codec, codec, FedAvg(weighting="uniform"), dp)
+    glob = {"w": torch.zeros(20), "s": torch.tensor(0.0)}
+    deltas = [
+        {"w": torch.zeros(20), "s": torch.tensor(0.0)},  # unchanged
+        {"w": torch.full((20,), float("nan")), "s": torch.tensor(1.0)},
+        {"w": torch.full((20,), float("inf")), "s": torch.tensor(0.0)},
+        {"w": torch.full((20,), 3.0), "s": torch.tensor(1.0)},
+    ]
+    updates = [ClientUpdate(i, 5, codec.encode(d)) for i, d in enumerate(deltas)]
+    new, report = server.aggregate(glob, updates, torch.Generator().manual_seed(0))
+    assert report.accepted == [0, 3] and set(report.rejected) == {1, 2}
+    assert all(torch.isfinite(v).all() for v in new.values())
+
+
+@pytest.mark.slow
+def test_rounds_whose_updates_are_all_lost_are_still_charged(tiny_bert_dir, tmp_path):
+    """Secure aggregation + DP-FedAvg with heavy post-masking dropout: failed rounds still cost ε."""
+    from fedlight.privacy.dp_fedavg import DPFedAvg
+
+    fed = {
+        "rounds": 3,
+        "clients_per_round": 3,
+        "privacy": _dp(),
+        "aggregator": UNIFORM,
+        "secure_aggregation": {"threshold": 0.5},
+        "faults": {"dropout_after": 0.7},
+    }
+    run = round_callback(run_fit(text_config(tiny_bert_dir, tmp_path, federation=fed), tmp_path))
+    rows = read_rounds(tmp_path)[1:]
+    assert any(int(r["num_clients"]) == 0 for r in rows)  # at least one round revealed nothing
+    probe = DPFedAvg(noise_multiplier=1.0, clip_norm=0.5, population=4, clients_per_round=3)
+    for _ in range(3):
+        probe.on_round_end()
+    assert run.privacy.rounds == 3 and float(rows[-1]["epsilon"]) == pytest.approx(probe.epsilon())
