@@ -8,7 +8,8 @@ all rounds, summed from each run's ``rounds.csv``), and the reduction vs full fi
     python benchmarks/codec_table.py --task quickstart --rounds 3  # configs/quickstart.yaml (MiniLM, slow)
 
 ``--keep DIR`` keeps the run directories (then ``fedlight report DIR/*`` plots accuracy vs MB);
-``--tabulate DIR`` prints the table again from them. On a shared machine set ``OMP_NUM_THREADS=1``
+``--tabulate DIR...`` prints the table again from them; rerunning with the same ``--keep`` skips the
+settings already there, and ``--only`` picks settings by label (e.g. to run them in parallel processes). On a shared machine set ``OMP_NUM_THREADS=1``
 (with 2 threads per process on an oversubscribed CPU a digits round took 223 s instead of 9 s).
 """
 
@@ -40,14 +41,18 @@ UPLINKS = {
     "int4": {"class_path": "int4"},  # per block of 64, nearest rounding
     "topk1%+EF": {"class_path": "topk", "init_args": {"density": 0.01, "error_feedback": True}},
 }
-#: (label, peft, uplink codec, downlink codec); the first row is the baseline every reduction is against
+INT4 = {"class_path": "int4"}
+#: (label, peft, uplink, downlink codec, LoRA rank or None for --lora-r); the full FT row is the baseline
 SETTINGS = [
-    ("full FT, fp32", "full", "fp32", IDENTITY),
-    *((f"LoRA, {up} uplink", "lora", up, IDENTITY) for up in UPLINKS),
+    ("full FT, fp32", "full", "fp32", IDENTITY, None),
+    *((f"LoRA, {up} uplink", "lora", up, IDENTITY, None) for up in UPLINKS),
 ]
-EXTRA = {  # --extra: also compress the downlink (not asked by the issue; shows where the remaining bytes go)
-    "LoRA, topk1%+EF up, int8 down": ("lora", "topk1%+EF", {"class_path": "int8"}),
-}
+#: --extra: also compress the downlink and shrink the adapter (not asked by the issue; shows where the remaining bytes go)
+EXTRA = [
+    ("LoRA, topk1%+EF up, int8 down", "lora", "topk1%+EF", {"class_path": "int8"}, None),
+    ("LoRA, int4 up, int4 down", "lora", "int4", INT4, None),
+    ("LoRA r=1, int4 up, int4 down", "lora", "int4", INT4, 1),
+]
 
 
 def base_config(task: str) -> dict:
@@ -62,7 +67,7 @@ def lora_spec(task: str, r: int) -> dict:
     return {"class_path": "lora", "init_args": {"r": r, "alpha": 2 * r, "target": "attention", "head": "shared"}}
 
 
-def config(args: argparse.Namespace, peft: str, uplink: dict, downlink: dict, out: Path) -> dict:
+def config(args: argparse.Namespace, peft: str, uplink: dict, downlink: dict, rank: int | None, out: Path) -> dict:
     cfg = copy.deepcopy(base_config(args.task))
     cfg["trainer"].update(
         {
@@ -71,7 +76,7 @@ def config(args: argparse.Namespace, peft: str, uplink: dict, downlink: dict, ou
             "enable_checkpointing": False,
         }
     )
-    cfg["model"]["peft"] = "full" if peft == "full" else lora_spec(args.task, args.lora_r)
+    cfg["model"]["peft"] = "full" if peft == "full" else lora_spec(args.task, rank or args.lora_r)
     cfg["model"]["lr"] = args.full_lr if peft == "full" else args.lora_lr
     fed = cfg["federation"]
     for key in ("rounds", "clients_per_round", "local_steps"):
@@ -105,7 +110,8 @@ def summarize(run_dir: Path) -> dict:
 
 
 def table(results: list[dict]) -> str:
-    base = results[0]
+    base = next(r for r in results if r["label"].startswith("full FT"))
+    results = [base] + [r for r in results if r is not base]
     base_total = base["up"] + base["down"]
     lines = [
         "| setting | final val_acc | mean val_acc, last 3 rounds | Δ final vs full FT (points) | uplink MB | downlink MB | total MB | reduction vs full FT | bytes saved |",
@@ -130,39 +136,43 @@ def main() -> None:
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--lora-lr", type=float, default=0.003)
     parser.add_argument("--full-lr", type=float, default=0.003)
-    parser.add_argument("--only", nargs="+", default=None, help="run only settings whose label contains one of these")
-    parser.add_argument("--extra", action="store_true", help="also run " + ", ".join(EXTRA))
+    parser.add_argument("--only", nargs="+", default=None, help="run only settings whose label contains one of these (the baseline is 'full FT')")
+    parser.add_argument("--extra", action="store_true", help="also run " + "; ".join(e[0] for e in EXTRA))
     parser.add_argument("--keep", type=Path, default=None, help="keep run directories here")
-    parser.add_argument("--tabulate", type=Path, default=None, help="print the table of the runs kept in this directory, run nothing")
+    parser.add_argument("--tabulate", type=Path, nargs="+", default=None, help="print the table of the runs kept in these directories, run nothing")
     args = parser.parse_args()
     os.environ.setdefault("FEDLIGHT_DISABLE_PLUGIN_AUTOLOAD", "1")
     from fedlight.cli import run_cli
 
-    settings = [(label, peft, UPLINKS[up], down) for label, peft, up, down in SETTINGS]
-    if args.extra:
-        settings += [(label, peft, UPLINKS[up], down) for label, (peft, up, down) in EXTRA.items()]
+    # numbered in the full list, so runs of different --only/--extra selections never share a directory
+    settings = [(i, *s) for i, s in enumerate(SETTINGS + EXTRA) if args.extra or i < len(SETTINGS)]
     if args.only:
-        settings = [s for s in settings if s[0] == SETTINGS[0][0] or any(o in s[0] for o in args.only)]
+        settings = [s for s in settings if any(o in s[1] for o in args.only)]
     if args.tabulate:
-        dirs = sorted((d for d in args.tabulate.iterdir() if (d / "label.txt").exists()), key=lambda d: int(d.name.split("_")[0]))
+        dirs = sorted((d for t in args.tabulate for d in t.iterdir() if (d / "label.txt").exists()), key=lambda d: d.name)
         results = [summarize(d) for d in dirs]
-        print(f"{results[0]['rounds']} rounds, from {args.tabulate}\n")
+        print(f"{results[0]['rounds']} rounds, from {' '.join(map(str, args.tabulate))}\n")
         print(table(results))
         return
     keep = args.keep or Path(tempfile.mkdtemp(prefix="codec_table_"))
-    results = []
+    keep.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    for i, (label, peft, uplink, downlink) in enumerate(settings):
-        out = keep / f"{i}_{label.replace(', ', '_').replace(' ', '-').replace('%', 'pct').replace('+', '_')}"
+    for i, label, peft, up, downlink, rank in settings:
+        out = keep / f"{i}_{label.replace(', ', '_').replace(' ', '-').replace('%', 'pct').replace('+', '_').replace('=', '')}"
+        if peft == "full":
+            label += f" (lr {args.full_lr:g})"
+        if (out / "label.txt").exists() and list(out.rglob("rounds.csv")):
+            print(f"{label}: kept from an earlier run in {out}")
+            continue
         out.mkdir(parents=True, exist_ok=True)
-        (out / "label.txt").write_text(label + "\n")
         path = out / "config.yaml"
-        path.write_text(yaml.safe_dump(config(args, peft, uplink, downlink, out), sort_keys=False))
+        path.write_text(yaml.safe_dump(config(args, peft, UPLINKS[up], downlink, rank, out), sort_keys=False))
         t0 = time.perf_counter()
         run_cli(["fit", "--config", str(path)])
-        results.append(summarize(out))
-        r = results[-1]
+        (out / "label.txt").write_text(label + "\n")  # written last: a run killed midway is rerun
+        r = summarize(out)
         print(f"{label:>32}  val_acc={r['acc']:.4f}  up={r['up'] / 1e6:.3f} MB  down={r['down'] / 1e6:.3f} MB  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    results = [summarize(d) for d in sorted(keep.iterdir(), key=lambda d: d.name) if (d / "label.txt").exists()]
     print(f"\n{args.task}: {results[0]['rounds']} rounds, total {time.perf_counter() - start:.0f} s, run directories in {keep}\n")
     print(table(results))
 
