@@ -170,6 +170,9 @@ def test_rank_tiers_and_layout_errors():
         FlexLoRA(rank_tiers=[1, 2], rank_probs=[0.5])
     with pytest.raises(ValueError, match="no LoRA layers"):
         FedExLoRA().bind_lora([])
+    lora_state = {"m.lora_A.default.weight": torch.zeros(2, 3)}
+    with pytest.raises(ValueError, match="bind_lora"):  # an engine that never bound the layout cannot silently FedAvg
+        FedExLoRA().aggregate(lora_state, [DecodedUpdate(0, 1, lora_state)])
     agg = FlexLoRA(rank_tiers=[1, 2, 3], rank_seed=7)
     assert [agg.tier_rank(c) for c in range(20)] == [FlexLoRA(rank_tiers=[1, 2, 3], rank_seed=7).tier_rank(c) for c in range(20)]
     assert len({agg.tier_rank(c) for c in range(50)}) == 3

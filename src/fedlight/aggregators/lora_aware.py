@@ -64,6 +64,11 @@ class LoraAggregator(Aggregator):
         return self.aggregate_with_base(global_state, updates)[0]
 
     def aggregate_with_base(self, global_state: State, updates: list[DecodedUpdate]) -> tuple[State, State]:
+        if not self.pairs and any(".lora_A." in n or ".lora_B." in n for n in global_state):
+            raise ValueError(
+                f"aggregator {self.name!r} got LoRA tensors but no LoRA layout: the engine must call bind_lora() "
+                "before the first round (the in-process round loop does)"
+            )
         weights = self.weights(global_state, updates)
         pairs = self.active_pairs(global_state)
         new = self.fedavg(global_state, updates, weights, {n for p in pairs for n in (p.a, p.b)})
@@ -151,7 +156,7 @@ class RankTiered(LoraAggregator):
 
     def __init__(
         self,
-        rank_tiers: list[int],
+        rank_tiers: list[int] = [2, 4, 8],  # noqa: B006 (never mutated; jsonargparse shows the default)
         rank_probs: list[float] | None = None,
         rank_seed: int = 0,
         weighting: str = "examples",
@@ -215,7 +220,7 @@ class HetLoRA(RankTiered):
 
     def __init__(
         self,
-        rank_tiers: list[int],
+        rank_tiers: list[int] = [2, 4, 8],  # noqa: B006
         rank_probs: list[float] | None = None,
         rank_seed: int = 0,
         weighting: str = "examples",
