@@ -111,6 +111,10 @@ def test_hetlora_truncation_padding_and_aggregation_by_hand():
 
     u1, u2 = trained(c1, 1), trained(c2, 2)
     new = agg.aggregate(global_state, [u1, u2])
+    noisy = DecodedUpdate(c1, 10, {k: v + (0.5 if k != "head" else 0.0) for k, v in u1.delta.items()})
+    noisy_new = agg.aggregate(global_state, [noisy, u2])  # beyond its rank, what client c1 sends is ignored
+    for a in ("l0.A", "l1.A"):
+        assert torch.equal(noisy_new[a][1:], new[a][1:])
     v1, v2 = agg.client_view(global_state, c1), agg.client_view(global_state, c2)
     for a, b in (("l0.A", "l0.B"), ("l1.A", "l1.B")):
         # component 0: both clients' values, averaged

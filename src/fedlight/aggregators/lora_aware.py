@@ -188,6 +188,17 @@ class RankTiered(LoraAggregator):
     def rank_of(self, client_id: int) -> int:
         return self.tier_rank(client_id)
 
+    def client_state(self, global_state, update, names):
+        """The client's factors, truncated to its rank: whatever arrives beyond r_k (e.g. local-DP noise) is ignored."""
+        out = super().client_state(global_state, update, names)
+        r = self.rank_of(update.client_id)
+        for pair in self.pairs:
+            if pair.a in out:
+                out[pair.a][r:] = 0
+            if pair.b in out:
+                out[pair.b][:, r:] = 0
+        return out
+
     def client_view(self, global_state: State, client_id: int) -> State:
         pairs = self.active_pairs(global_state)
         if not pairs:
