@@ -145,6 +145,11 @@ class FederatedRound(pl.Callback):
         if export_every < 0:
             raise ValueError(f"federation.export_every must be >= 0, got {export_every}")
         self.export_every, self.export_merged = export_every, export_merged
+        if export_every and aggregator.merges_into_base and not export_merged:
+            raise ValueError(
+                f"federation.aggregator {aggregator.name!r} merges updates into the frozen weights, which an adapter "
+                "alone does not carry: set federation.export_merged: true (the merged model is the exact global one)"
+            )
         if client_method is not None and client_method.sends_extra and not isinstance(privacy, NoPrivacy):
             raise ValueError(
                 f"federation.client_method {client_method.name!r} sends extra tensors that federation.privacy "
