@@ -225,6 +225,19 @@ def test_fedex_lora_round_merges_into_base_and_counts_it(tiny_bert_dir, tmp_path
     assert set(fed.base_total) == {p.base for p in pairs}  # exactly the adapted base weights changed
     assert all(bool(v.abs().sum() > 0) for v in fed.base_total.values())
     assert module.kept_frozen == set(fed.base_total)
+    # every other frozen tensor is bit-identical to the pretrained one; the merged ones moved by base_total
+    from fedlight.peft.lora import LoRA
+
+    task = module.task
+    fresh = LoRA(r=2, alpha=4).apply(task.build_model(module.num_classes), task.family, task.head_modules(task.build_model(module.num_classes)))
+    before, after = dict(fresh.named_parameters()), dict(module.model.named_parameters())
+    for name in module.frozen_names():
+        if ".classifier." in name:  # peft's frozen copy of the randomly initialised head
+            continue
+        if name in fed.base_total:
+            assert torch.allclose(after[name], before[name] + fed.base_total[name], atol=1e-6)
+        else:
+            assert torch.equal(after[name], before[name]), name
     rows = [r for r in fed.history if r["round"] > 0]
     lora_only = fed.server.broadcast(fed.global_state)
     base_bytes = len(fed.server.broadcast(fed.base_total))
