@@ -190,7 +190,8 @@ class RankTiered(LoraAggregator):
 
     def client_state(self, global_state, update, names):
         """The client's factors, truncated to its rank: whatever arrives beyond r_k (e.g. local-DP noise) is ignored."""
-        out = super().client_state(global_state, update, names)
+        # = client_view(global) + delta, truncated; without cloning every tensor of the view per call
+        out = {n: global_state[n].double() + update.delta[n].double() for n in names}
         r = self.rank_of(update.client_id)
         for pair in self.pairs:
             if pair.a in out:
