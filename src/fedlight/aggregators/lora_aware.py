@@ -222,7 +222,7 @@ class HetLoRA(RankTiered):
     and stay zero). The server averages the zero-padded factors component by component over the
     clients that hold that component (weights renormalised; a component no sampled client holds keeps
     its global value). ``weighting: sparsity`` weights clients by the Frobenius norm of their update
-    Σ‖B_k A_k − B A‖ (the paper's sparsity-weighted aggregation). With ``prune_fraction`` γ > 0 a
+    B_k A_k − BA over all adapted layers (the paper's sparsity-weighted aggregation). With ``prune_fraction`` γ > 0 a
     client whose last ⌈γ r_k⌉ components carry less than ``prune_threshold`` of its ‖B_k A_k‖ drops them
     for the rest of the run (rank self-pruning, never below 1).
     """
