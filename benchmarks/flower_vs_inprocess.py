@@ -7,7 +7,7 @@ the command, the mean round time (the engines' own ``round_time_s``: broadcast -
 start-up, shut-down) and the ratios to in-process. Also checks that the final global states agree.
 
     nice -n 10 python benchmarks/flower_vs_inprocess.py [--rounds 5] [--clients 4] [--per-round 2]
-        [--steps 5] [--deployment]
+        [--steps 5] [--engines inprocess,simulation,deployment]
 """
 
 from __future__ import annotations
@@ -79,13 +79,15 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--num-cpus", type=int, default=2, help="Ray CPUs (one per ClientApp actor)")
-    parser.add_argument("--deployment", action="store_true", help="also run a local SuperLink/SuperNode deployment")
+    parser.add_argument("--engines", default="inprocess,simulation", help="comma list of inprocess, simulation, deployment")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="flower-bench-"))
     cfg_path = tmp / "bench.yaml"
     cfg_path.write_text(yaml.safe_dump(config(tmp, args.rounds, args.clients, args.per_round, args.steps)))
     bin_dir = Path(sys.executable).parent
     results: dict[str, dict] = {}
+    engines = set(args.engines.split(","))
+    states: dict[str, Path] = {}
 
     wall = timed([str(bin_dir / "fedlight"), "fit", "--config", str(cfg_path)], tmp / "inprocess.log")
     (csv_path,) = list((tmp / "runs").rglob("rounds.csv"))
@@ -93,20 +95,23 @@ def main() -> None:
         results["in-process (fedlight fit)"] = {"wall": wall, "rounds": rounds_of(list(csv.DictReader(f)))}
 
     sim_out = tmp / "sim"
-    wall = timed(
-        [str(bin_dir / "fedlight-flower"), "simulate", "--config", str(cfg_path), "--out", str(sim_out), "--num-cpus", str(args.num_cpus)],
-        tmp / "simulation.log",
-    )
-    results[f"Flower simulation (Ray, {args.num_cpus} CPUs)"] = {
-        "wall": wall, "rounds": rounds_of(json.loads((sim_out / "rounds.json").read_text()))
-    }  # fmt: skip
+    if "simulation" in engines:
+        wall = timed(
+            [str(bin_dir / "fedlight-flower"), "simulate", "--config", str(cfg_path), "--out", str(sim_out), "--num-cpus", str(args.num_cpus)],
+            tmp / "simulation.log",
+        )
+        results[f"Flower simulation (Ray, {args.num_cpus} CPUs)"] = {
+            "wall": wall, "rounds": rounds_of(json.loads((sim_out / "rounds.json").read_text()))
+        }  # fmt: skip
+        states["Flower simulation"] = sim_out / "global_state.safetensors"
 
-    if args.deployment:
+    if "deployment" in engines:
         dep_out = tmp / "deployment"
         wall = timed([str(bin_dir / "fedlight-flower"), "local", "--config", str(cfg_path), "--out", str(dep_out)], tmp / "deployment.log")
-        results["Flower deployment (SuperLink + SuperNodes, local)"] = {
+        results[f"Flower deployment (SuperLink + {args.clients} SuperNodes, local)"] = {
             "wall": wall, "rounds": rounds_of(json.loads((dep_out / "results" / "rounds.json").read_text()))
         }  # fmt: skip
+        states["Flower deployment"] = dep_out / "results" / "global_state.safetensors"
 
     print(
         f"workload: tiny ViT (2 x 32-wide blocks) on digits, bitfit, {args.clients} clients, {args.per_round}/round, "
@@ -129,15 +134,16 @@ def main() -> None:
     from safetensors.torch import load_file
 
     torch.set_num_threads(1)
-    sim_state = load_file(str(sim_out / "global_state.safetensors"))
     sys.argv = sys.argv[:1]
     from fedlight.cli import run_cli
     from fedlight.core.round import FederatedRound
 
     cli = run_cli(["fit", "--config", str(cfg_path), "--trainer.logger", "false"])
     fed = next(c for c in cli.trainer.callbacks if isinstance(c, FederatedRound))
-    diff = max(float((fed.global_state[k].float() - sim_state[k]).abs().max()) for k in sim_state)
-    print(f"max |in-process (1 thread) - Flower simulation| over the final trainable state: {diff:.3g}")
+    for name, path in states.items():
+        state = load_file(str(path))
+        diff = max(float((fed.global_state[k].float() - state[k]).abs().max()) for k in state)
+        print(f"max |in-process (1 thread) - {name}| over the final trainable state: {diff:.3g}")
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ version = "1.0.0"
 description = "fedlight job on Flower"
 license = "Apache-2.0"
 # installed on every SuperLink/SuperNode machine beforehand (runtime installation is disabled)
-dependencies = ["fedlight", "fedlight-flower", "flwr>=1.20,<2"]
+dependencies = ["fedlight", "fedlight-flower", "flwr>=1.42,<2"]
 
 [tool.hatch.build.targets.wheel]
 packages = ["."]
