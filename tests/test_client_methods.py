@@ -153,14 +153,16 @@ def _fed(tmp_path, **federation):
 
 
 def test_fedprox_with_mu_zero_is_fedavg_bit_for_bit(tmp_path):
-    plain = round_callback(run_fit(_fed(tmp_path / "a"), tmp_path / "a")).global_state
+    fedavg = round_callback(run_fit(_fed(tmp_path / "a"), tmp_path / "a"))
+    plain = fedavg.global_state
     prox0 = round_callback(run_fit(_fed(tmp_path / "b", client_method={"class_path": "fedprox", "init_args": {"mu": 0.0}}), tmp_path / "b"))
     assert list(plain) == list(prox0.global_state)
     for name in plain:
         assert torch.equal(plain[name], prox0.global_state[name]), name
     prox = round_callback(run_fit(_fed(tmp_path / "c", client_method={"class_path": "fedprox", "init_args": {"mu": 5.0}}), tmp_path / "c"))
     assert any(not torch.equal(plain[n], prox.global_state[n]) for n in plain), "mu had no effect"
-    assert prox.history[-1]["uplink_bytes"] == prox0.history[-1]["uplink_bytes"]  # nothing extra travels
+    for a, b in zip(fedavg.history, prox.history, strict=True):  # nothing extra travels
+        assert (a["uplink_bytes"], a["downlink_bytes"]) == (b["uplink_bytes"], b["downlink_bytes"])
 
 
 def test_scaffold_run_counts_control_bytes_keeps_the_invariant_and_resumes_identically(tmp_path):
@@ -168,7 +170,12 @@ def test_scaffold_run_counts_control_bytes_keeps_the_invariant_and_resumes_ident
     cfg = _fed(tmp_path / "full", **federation)
     cfg["data"]["num_clients"] = 5
     cfg["trainer"]["logger"]["init_args"]["version"] = 0
-    fed = round_callback(run_fit(cfg, tmp_path / "full"))
+    cfg["optimizer"] = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05}}  # what SCAFFOLD assumes
+    cli = run_fit(cfg, tmp_path / "full")
+    fed = round_callback(cli)
+    (optimizer,) = cli.trainer.optimizers  # the top-level optimizer section, over the trainable tensors only
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.param_groups[0]["lr"] == 0.05
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(cli.model.peft.trainable_names(cli.model.model))
     method = fed.client_method
     model_bytes = len(fed.client.uplink.encode(fed.global_state))
     control_bytes = len(fed.client.uplink.encode(method.control))

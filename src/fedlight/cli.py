@@ -126,6 +126,36 @@ def _make_cli_class():
             except (ValueError, FileNotFoundError) as err:
                 raise ConfigError(str(err)) from err
 
+        def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+            """A top-level ``optimizer:`` (and ``lr_scheduler:``) section, built when training starts.
+
+            LightningCLI instantiates it over ``model.parameters()`` at parse time, but fedlight's model
+            is built in ``setup`` (its head size comes from the data), so that list would be empty. The
+            inits are captured here and instantiated in ``configure_optimizers`` over the trainable
+            parameters.
+            """
+            from types import MethodType
+
+            import lightning.pytorch.cli as lightning_cli
+
+            instantiate, inits = lightning_cli.instantiate_class, []
+            lightning_cli.instantiate_class = lambda args, init: inits.append(init)
+            try:
+                super()._add_configure_optimizers_method_to_model(subcommand)
+            finally:
+                lightning_cli.instantiate_class = instantiate
+            if not inits:
+                return
+            optimizer_init, scheduler_init = inits[0], (inits[1] if len(inits) > 1 else None)
+            cli = self
+
+            def configure_optimizers(module):
+                optimizer = instantiate([p for p in module.parameters() if p.requires_grad], optimizer_init)
+                scheduler = instantiate(optimizer, scheduler_init) if scheduler_init else None
+                return cli.configure_optimizers(module, optimizer, scheduler)
+
+            self.model.configure_optimizers = MethodType(configure_optimizers, self.model)
+
         def instantiate_trainer(self, **kwargs: Any):
             """Swap Lightning's default TQDM bar for one that shows rounds, clients, MB and epsilon."""
             from lightning.pytorch.callbacks import TQDMProgressBar

@@ -357,8 +357,8 @@ class FederatedRound(pl.Callback):
             self.round_downlink += self._secure.downlink_overhead
         # merged base changes reach every client: a stateless server sends the cumulative change
         self._base_payload = self.server.broadcast(self.base_total) if self.base_total else b""
-        if self.client_method is not None:
-            self._method_payload = self.server.broadcast(self.client_method.broadcast(self.global_state))
+        if self.client_method is not None and (extra := self.client_method.broadcast(self.global_state)):
+            self._method_payload = self.server.broadcast(extra)  # nothing is sent when there is nothing extra
 
     def on_train_batch_start(self, trainer, pl_module: FederatedModule, batch: Any, batch_idx: int) -> None:
         client_id = int(batch["client_id"][0])
