@@ -42,6 +42,9 @@ UPLINKS = {
     "topk1%+EF": {"class_path": "topk", "init_args": {"density": 0.01, "error_feedback": True}},
 }
 INT4 = {"class_path": "int4"}
+#: the JSON header (names, shapes) is a large part of a small adapter's payload; zlib squeezes it
+ZLIB_INT4 = {"class_path": "compress", "init_args": {"algorithm": "zlib", "level": 9, "inner": INT4}}
+UPLINKS["zlib(int4)"] = ZLIB_INT4
 #: (label, peft, uplink, downlink codec, LoRA rank or None for --lora-r); the full FT row is the baseline
 SETTINGS = [
     ("full FT, fp32", "full", "fp32", IDENTITY, None),
@@ -52,6 +55,7 @@ EXTRA = [
     ("LoRA, topk1%+EF up, int8 down", "lora", "topk1%+EF", {"class_path": "int8"}, None),
     ("LoRA, int4 up, int4 down", "lora", "int4", INT4, None),
     ("LoRA r=1, int4 up, int4 down", "lora", "int4", INT4, 1),
+    ("LoRA r=1, zlib(int4) up, zlib(int4) down", "lora", "zlib(int4)", ZLIB_INT4, 1),
 ]
 
 
@@ -94,10 +98,10 @@ def read_rounds(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def summarize(run_dir: Path) -> dict:
-    """Final and last-3-round mean val_acc, and bytes summed over all rounds, from the run's rounds.csv."""
+def summarize(run_dir: Path, at_round: int | None = None) -> dict:
+    """Final and last-3-round mean val_acc, and bytes summed over all rounds (up to ``at_round``), from rounds.csv."""
     rows = read_rounds(run_dir)
-    train = [r for r in rows if int(r["round"]) > 0]
+    train = [r for r in rows if 0 < int(r["round"]) <= (at_round or 10**9)]
     accs = [float(r["val_acc"]) for r in train]
     return {
         "label": (run_dir / "label.txt").read_text().strip(),
@@ -139,6 +143,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None, help="run only settings whose label contains one of these (the baseline is 'full FT')")
     parser.add_argument("--extra", action="store_true", help="also run " + "; ".join(e[0] for e in EXTRA))
     parser.add_argument("--keep", type=Path, default=None, help="keep run directories here")
+    parser.add_argument("--at-round", type=int, default=None, help="with --tabulate: cut every run at this round")
     parser.add_argument("--tabulate", type=Path, nargs="+", default=None, help="print the table of the runs kept in these directories, run nothing")
     args = parser.parse_args()
     os.environ.setdefault("FEDLIGHT_DISABLE_PLUGIN_AUTOLOAD", "1")
@@ -150,7 +155,9 @@ def main() -> None:
         settings = [s for s in settings if any(o in s[1] for o in args.only)]
     if args.tabulate:
         dirs = sorted((d for t in args.tabulate for d in t.iterdir() if (d / "label.txt").exists()), key=lambda d: d.name)
-        results = [summarize(d) for d in dirs]
+        results = [summarize(d, args.at_round) for d in dirs]
+        if len({r["rounds"] for r in results}) > 1:
+            print(f"warning: runs have different numbers of rounds {[r['rounds'] for r in results]}; use --at-round")
         print(f"{results[0]['rounds']} rounds, from {' '.join(map(str, args.tabulate))}\n")
         print(table(results))
         return
