@@ -215,3 +215,19 @@ def test_scaffold_with_privacy_is_refused_before_training():
     with pytest.raises(ValueError, match="scaffold.*does not protect"):
         FederatedRound(client_method=Scaffold(), privacy=LocalDP())
     FederatedRound(client_method=FedProx(), privacy=LocalDP())  # FedProx sends nothing extra
+
+
+def test_scaffold_with_per_client_views_is_refused():
+    from fedlight.aggregators.fedavg import FedAvg
+    from fedlight.core.round import FederatedRound
+
+    class RankViews(FedAvg):  # like hetlora / flexlora: each client trains a restricted view
+        name = "rank_views"
+
+        def client_view(self, global_state, client_id):
+            return global_state
+
+    with pytest.raises(ValueError, match="restricted view"):
+        FederatedRound(client_method=Scaffold(), aggregator=RankViews())
+    FederatedRound(client_method=FedProx(), aggregator=RankViews())
+    FederatedRound(client_method=Scaffold(), aggregator=FedAvg())

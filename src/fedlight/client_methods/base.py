@@ -41,6 +41,9 @@ class ClientMethod(Plugin):
     #: True when the method sends tensors besides the model delta (they bypass client-side privacy,
     #: so the round refuses such a method together with a privacy mechanism)
     sends_extra: ClassVar[bool] = False
+    #: False when the correction can move coordinates a client must keep at its start value (e.g. the
+    #: zero-padded ranks of HetLoRA/FlexLoRA client views); the round refuses such a pairing
+    respects_client_views: ClassVar[bool] = True
 
     def bind(self, names: list[str], num_clients: int) -> None:
         """Called once before training: the shared trainable tensor names and the population size."""

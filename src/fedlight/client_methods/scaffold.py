@@ -27,6 +27,7 @@ class Scaffold(ClientMethod):
 
     name = "scaffold"
     sends_extra = True
+    respects_client_views = False  # c − c_i is dense: it would train a client's zero-padded LoRA ranks
 
     def __init__(self) -> None:
         self.control: State = {}

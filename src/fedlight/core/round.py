@@ -155,6 +155,16 @@ class FederatedRound(pl.Callback):
                 f"federation.client_method {client_method.name!r} sends extra tensors that federation.privacy "
                 f"{privacy.name!r} does not protect; use privacy: none or another client_method"
             )
+        if (
+            client_method is not None
+            and not client_method.respects_client_views
+            and type(aggregator).client_view is not Aggregator.client_view
+        ):
+            raise ValueError(
+                f"federation.client_method {client_method.name!r} cannot be combined with federation.aggregator "
+                f"{aggregator.name!r}, whose clients train a restricted view of the global state (per-client ranks); "
+                "use fedprox or another aggregator"
+            )
         if personal_eval_every < 0:
             raise ValueError(f"federation.personal_eval_every must be >= 0, got {personal_eval_every}")
         self.client_method = client_method
