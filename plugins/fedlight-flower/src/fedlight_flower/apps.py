@@ -134,14 +134,20 @@ def client_train(job: FedlightJob, content: RecordDict, context: Context) -> Rec
         job.federation.privacy.load_state_dict(json.loads(str(cfg["privacy-state"])))
     broadcast = content.array_records["fedlight.global"]
     arrays = uses_arrays(job)
-    start = record_to_state(broadcast, job.shared_names) if arrays else job.client_pipeline.receive(record_to_bytes(broadcast))
+    if arrays:
+        start = record_to_state(broadcast, job.shared_names)
+    else:
+        start = job.client_pipeline.receive(record_to_bytes(broadcast))
     client_state = _load_client_state(context)
     result = job.local_fit(round_idx, client_id, steps, start, client_state.get("local"))
     update = job.client_update(round_idx, client_id, start, result, client_state)
     if job.module.local_names:
         client_state["local"] = result.local
     _save_client_state(context, client_state)
-    shipped = state_to_record(job.client_pipeline.uplink.decode(update.payload)) if arrays else bytes_to_record(update.payload)
+    if arrays:  # identity codec: the payload is the fp32 delta; ship it as arrays
+        shipped = state_to_record(job.client_pipeline.uplink.decode(update.payload))
+    else:
+        shipped = bytes_to_record(update.payload)
     metrics = MetricRecord(
         {"num-examples": update.num_examples, "steps": result.steps, "uplink-bytes": update.num_bytes, **update.metrics}
     )
@@ -238,7 +244,8 @@ def run_server(grid: Grid, job: FedlightJob, out: Path | None, round_timeout: fl
     backbone = job.backbone_fingerprint()
     history: list[dict[str, Any]] = []
     if fed.eval_before_training:
-        history.append({"round": 0, "num_clients": 0, "uplink_bytes": 0, "downlink_bytes": 0, **job.evaluate(global_state)})
+        row0 = {"round": 0, "num_clients": 0, "uplink_bytes": 0, "downlink_bytes": 0}
+        history.append({**row0, **job.evaluate(global_state)})
     for round_idx in range(1, job.rounds + 1):
         t0 = time.perf_counter()
         plan = job.plan(round_idx)
@@ -274,7 +281,8 @@ def run_server(grid: Grid, job: FedlightJob, out: Path | None, round_timeout: fl
             reply = replies.get(node_of[client_id])
             if reply is None or reply.has_error():
                 failed[client_id] = "no reply within round-timeout" if reply is None else reply.error.reason
-                print(f"[fedlight-flower] round {round_idx}: client {client_id} failed: {failed[client_id]}", flush=True)
+                message = f"round {round_idx}: client {client_id} failed: {failed[client_id]}"
+                print(f"[fedlight-flower] {message}", flush=True)
                 continue
             theirs = str(reply.content.config_records["fedlight.info"]["backbone"])
             if theirs != backbone:
@@ -284,10 +292,15 @@ def run_server(grid: Grid, job: FedlightJob, out: Path | None, round_timeout: fl
                 )
             m = reply.content.metric_records["fedlight.metrics"]
             record = reply.content.array_records["fedlight.update"]
-            encoded = job.client_pipeline.uplink.encode(record_to_state(record, job.shared_names)) if arrays else record_to_bytes(record)
+            if arrays:
+                encoded = job.client_pipeline.uplink.encode(record_to_state(record, job.shared_names))
+            else:
+                encoded = record_to_bytes(record)
             losses.append(float(m["train_loss"]))
-            updates.append(ClientUpdate(client_id, int(m["num-examples"]), encoded, {"train_loss": float(m["train_loss"])}))
-        new_global, report = job.server_pipeline.aggregate(global_state, updates, round_generator(job.seed, round_idx, 0))
+            metrics = {"train_loss": float(m["train_loss"])}
+            updates.append(ClientUpdate(client_id, int(m["num-examples"]), encoded, metrics))
+        generator = round_generator(job.seed, round_idx, 0)
+        new_global, report = job.server_pipeline.aggregate(global_state, updates, generator)
         fed.privacy.on_round_end()
         if len(report.accepted) < fed.faults.min_clients:
             message = f"round {round_idx}: {len(report.accepted)} accepted updates < federation.faults.min_clients"
