@@ -44,7 +44,6 @@ UPLINKS = {
 INT4 = {"class_path": "int4"}
 #: the JSON header (names, shapes) is a large part of a small adapter's payload; zlib squeezes it
 ZLIB_INT4 = {"class_path": "compress", "init_args": {"algorithm": "zlib", "level": 9, "inner": INT4}}
-UPLINKS["zlib(int4)"] = ZLIB_INT4
 #: (label, peft, uplink, downlink codec, LoRA rank or None for --lora-r); the full FT row is the baseline
 SETTINGS = [
     ("full FT, fp32", "full", "fp32", IDENTITY, None),
@@ -57,6 +56,7 @@ EXTRA = [
     ("LoRA r=1, int4 up, int4 down", "lora", "int4", INT4, 1),
     ("LoRA r=1, zlib(int4) up, zlib(int4) down", "lora", "zlib(int4)", ZLIB_INT4, 1),
 ]
+UPLINKS["zlib(int4)"] = ZLIB_INT4  # after SETTINGS: the rows are the four uplinks above
 
 
 def base_config(task: str) -> dict:
