@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from dp_accounting import rdp
 from torch import nn
 
-from conftest import TINY_VIT, read_rounds, round_callback, run_fit, text_config, vision_config
+from conftest import TINY_VIT, read_rounds, round_callback, run_fit, vision_config
 from fedlight.privacy.base import RunSpec
 from fedlight.privacy.dp_sgd import DPSGD, clip_per_sample, per_sample_gradients
 from fedlight.tasks.base import StepOutput, Task
@@ -168,7 +168,7 @@ def test_target_epsilon_picks_sigma_and_refuses_bad_models():
 
 
 @pytest.mark.slow
-def test_dp_sgd_run_logs_per_client_epsilon_and_learns(tmp_path):
+def test_dp_sgd_run_logs_per_client_epsilon_and_charges_every_step(tmp_path):
     cfg = vision_config(
         tmp_path,
         federation={"rounds": 2, "local_steps": 2, "privacy": {"class_path": "dp_sgd", "init_args": {"noise_multiplier": 0.8, "max_grad_norm": 1.0}}},
