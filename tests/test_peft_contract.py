@@ -15,6 +15,7 @@ import torch
 
 from conftest import TINY_VIT, round_callback, run_fit, text_config, vision_config
 from fedlight.codecs.identity import IdentityCodec
+from fedlight.codecs.wire import framed_size
 from fedlight.plugins import build_registry
 
 REGISTRY = build_registry(autoload=False)
@@ -104,11 +105,11 @@ def test_peft_contract(name, kind, tasks):
         method.set_state(fresh, state)
         assert torch.equal(_out(fresh, kind, inputs), _out(model, kind, inputs))
 
-    # shipped bytes are exactly the identity payload minus its header
+    # shipped bytes are exactly the identity payload minus its framing (magic, header, CRC)
     shipped = method.get_state(model, shared)
     payload = IdentityCodec().encode(shipped)
     (header_len,) = struct.unpack_from("<I", payload, 4)
-    assert sum(v.numel() * 4 for v in shipped.values()) == len(payload) - 8 - header_len
+    assert len(payload) == framed_size(header_len, sum(v.numel() * 4 for v in shipped.values()))
 
 
 @pytest.mark.parametrize("name", sorted(METHODS), ids=sorted(METHODS))
