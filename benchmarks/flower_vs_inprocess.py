@@ -7,7 +7,7 @@ the command, the mean round time (the engines' own ``round_time_s``: broadcast -
 start-up, shut-down) and the ratios to in-process. Also checks that the final global states agree.
 
     nice -n 10 python benchmarks/flower_vs_inprocess.py [--rounds 5] [--clients 4] [--per-round 2]
-        [--steps 5] [--engines inprocess,simulation,deployment]
+        [--steps 5] [--threads 1] [--engines inprocess,simulation,deployment]
 """
 
 from __future__ import annotations
@@ -58,10 +58,13 @@ def config(tmp: Path, rounds: int, clients: int, per_round: int, steps: int) -> 
     }  # fmt: skip
 
 
-def timed(argv: list[str], log: Path) -> float:
+def timed(argv: list[str], log: Path, threads: int | None = None) -> float:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if threads:  # torch intra-op threads of every process (Ray's ClientApp actors always get 1)
+        env["OMP_NUM_THREADS"] = str(threads)
     t0 = time.perf_counter()
     with log.open("w") as f:
-        code = subprocess.call(argv, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        code = subprocess.call(argv, stdout=f, stderr=subprocess.STDOUT, env=env)
     wall = time.perf_counter() - t0
     if code != 0:
         sys.exit(f"{' '.join(argv)} failed ({code}); see {log}")
@@ -79,6 +82,7 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--num-cpus", type=int, default=2, help="Ray CPUs (one per ClientApp actor)")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for every engine (default: unset)")
     parser.add_argument("--engines", default="inprocess,simulation", help="comma list of inprocess, simulation, deployment")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="flower-bench-"))
@@ -89,7 +93,7 @@ def main() -> None:
     engines = set(args.engines.split(","))
     states: dict[str, Path] = {}
 
-    wall = timed([str(bin_dir / "fedlight"), "fit", "--config", str(cfg_path)], tmp / "inprocess.log")
+    wall = timed([str(bin_dir / "fedlight"), "fit", "--config", str(cfg_path)], tmp / "inprocess.log", args.threads)
     (csv_path,) = list((tmp / "runs").rglob("rounds.csv"))
     with csv_path.open() as f:
         results["in-process (fedlight fit)"] = {"wall": wall, "rounds": rounds_of(list(csv.DictReader(f)))}
@@ -99,6 +103,7 @@ def main() -> None:
         wall = timed(
             [str(bin_dir / "fedlight-flower"), "simulate", "--config", str(cfg_path), "--out", str(sim_out), "--num-cpus", str(args.num_cpus)],
             tmp / "simulation.log",
+            args.threads,
         )
         results[f"Flower simulation (Ray, {args.num_cpus} CPUs)"] = {
             "wall": wall, "rounds": rounds_of(json.loads((sim_out / "rounds.json").read_text()))
@@ -107,7 +112,7 @@ def main() -> None:
 
     if "deployment" in engines:
         dep_out = tmp / "deployment"
-        wall = timed([str(bin_dir / "fedlight-flower"), "local", "--config", str(cfg_path), "--out", str(dep_out)], tmp / "deployment.log")
+        wall = timed([str(bin_dir / "fedlight-flower"), "local", "--config", str(cfg_path), "--out", str(dep_out)], tmp / "deployment.log", args.threads)
         results[f"Flower deployment (SuperLink + {args.clients} SuperNodes, local)"] = {
             "wall": wall, "rounds": rounds_of(json.loads((dep_out / "results" / "rounds.json").read_text()))
         }  # fmt: skip
@@ -115,7 +120,7 @@ def main() -> None:
 
     print(
         f"workload: tiny ViT (2 x 32-wide blocks) on digits, bitfit, {args.clients} clients, {args.per_round}/round, "
-        f"{args.steps} local steps, {args.rounds} rounds; CPU threads {os.cpu_count()}"
+        f"{args.steps} local steps, {args.rounds} rounds; {os.cpu_count()} CPUs; OMP_NUM_THREADS={args.threads or 'unset'}"
     )
     base = results["in-process (fedlight fit)"]
     base_round = sum(base["rounds"]) / len(base["rounds"])
