@@ -167,7 +167,6 @@ def test_target_epsilon_picks_sigma_and_refuses_bad_models():
     DPSGD().check_model(nn.Sequential(nn.Linear(2, 2), frozen_bn))  # frozen statistics are fine
 
 
-@pytest.mark.slow
 def test_dp_sgd_run_logs_per_client_epsilon_and_charges_every_step(tmp_path):
     cfg = vision_config(
         tmp_path,

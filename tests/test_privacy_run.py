@@ -73,7 +73,6 @@ def test_nan_and_zero_updates_never_poison_a_dp_round():
     assert all(torch.isfinite(v).all() for v in new.values())
 
 
-@pytest.mark.slow
 def test_rounds_whose_updates_are_all_lost_are_still_charged(tiny_bert_dir, tmp_path):
     """Secure aggregation + DP-FedAvg with heavy post-masking dropout: failed rounds still cost ε."""
     from fedlight.privacy.dp_fedavg import DPFedAvg

@@ -112,7 +112,6 @@ def test_unsound_combinations_are_refused_before_training(tiny_bert_dir, tmp_pat
     assert not list(tmp_path.rglob("rounds.csv"))
 
 
-@pytest.mark.slow
 def test_secure_run_equals_plain_run_and_survives_dropout(tiny_bert_dir, tmp_path, monkeypatch):
     uniform = {"class_path": "fedavg", "init_args": {"weighting": "uniform"}}
     fed = {"rounds": 2, "clients_per_round": 4, "aggregator": uniform}
