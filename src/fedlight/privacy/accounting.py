@@ -65,6 +65,38 @@ class ComposedRecord:
         return dp_accounting.SelfComposedDpEvent(one, self.steps)
 
 
+
+def check_mechanism_args(
+    who: str,
+    *,
+    noise_multiplier: float | None,
+    delta: float,
+    bounds: dict[str, float],
+    target_epsilon: float | None = None,
+    sampling: str | None = None,
+    accountant: str | None = None,
+) -> None:
+    """The argument checks every Gaussian mechanism shares; errors name the plugin and the field.
+
+    ``bounds`` are the clipping norms (``clip_norm``, ``max_grad_norm``): positive and finite.
+    ``noise_multiplier: null`` is allowed only with a ``target_epsilon`` to pick sigma from.
+    """
+    if noise_multiplier is None and target_epsilon is None:
+        raise ValueError(f"{who} noise_multiplier: null needs target_epsilon (sigma is picked for the budget)")
+    if noise_multiplier is not None and not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
+        raise ValueError(f"{who} noise_multiplier must be > 0, got {noise_multiplier}")
+    for field, value in bounds.items():
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{who} {field} must be > 0, got {value}")
+    if not 0 < delta < 1:
+        raise ValueError(f"{who} delta must be in (0, 1), got {delta}")
+    if sampling is not None and sampling not in ("fixed", "poisson"):
+        raise ValueError(f"{who} sampling must be 'fixed' or 'poisson', got {sampling!r}")
+    if accountant is not None and accountant not in ("rdp", "pld"):
+        raise ValueError(f"{who} accountant must be 'rdp' or 'pld', got {accountant!r}")
+    if target_epsilon is not None and not target_epsilon > 0:
+        raise ValueError(f"{who} target_epsilon must be > 0 or null, got {target_epsilon}")
+
 def make_record(
     noise_multiplier: float,
     sampling_rate: float | None,

@@ -20,7 +20,7 @@ import torch
 from fedlight.core.state import State, subtract
 from fedlight.core.update import DecodedUpdate
 from fedlight.hookspecs import hookimpl
-from fedlight.privacy.accounting import Accountant, make_record, noise_for_epsilon
+from fedlight.privacy.accounting import Accountant, check_mechanism_args, make_record, noise_for_epsilon
 from fedlight.privacy.base import Privacy, RunSpec
 
 
@@ -123,22 +123,12 @@ class DPFedAvg(Privacy):
         clip_learning_rate: float = 0.2,
         clipped_count_stddev: float | None = None,
     ) -> None:
-        if noise_multiplier is None and target_epsilon is None:
-            raise ValueError("dp_fedavg noise_multiplier: null needs target_epsilon (sigma is picked for the budget)")
-        if noise_multiplier is not None and not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
-            raise ValueError(f"dp_fedavg noise_multiplier must be > 0, got {noise_multiplier}")
-        if not (clip_norm > 0 and math.isfinite(clip_norm)):
-            raise ValueError(f"dp_fedavg clip_norm must be > 0, got {clip_norm}")
-        if not 0 < delta < 1:
-            raise ValueError(f"dp_fedavg delta must be in (0, 1), got {delta}")
-        if sampling not in ("fixed", "poisson"):
-            raise ValueError(f"dp_fedavg sampling must be 'fixed' or 'poisson', got {sampling!r}")
-        if accountant not in ("rdp", "pld"):
-            raise ValueError(f"dp_fedavg accountant must be 'rdp' or 'pld', got {accountant!r}")
+        check_mechanism_args(
+            "dp_fedavg", noise_multiplier=noise_multiplier, delta=delta, bounds={"clip_norm": clip_norm},
+            target_epsilon=target_epsilon, sampling=sampling, accountant=accountant,
+        )
         if sampling == "fixed" and accountant == "pld":
             raise ValueError("dp_fedavg accountant 'pld' does not support sampling 'fixed'; use accountant: rdp")
-        if target_epsilon is not None and not target_epsilon > 0:
-            raise ValueError(f"dp_fedavg target_epsilon must be > 0 or null, got {target_epsilon}")
         if not 0 < target_quantile < 1:
             raise ValueError(f"dp_fedavg target_quantile must be in (0, 1), got {target_quantile}")
         if not clip_learning_rate > 0:

@@ -15,14 +15,13 @@ optimisation (backward, optimizer step, other engineers' hooks around ``training
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from fedlight.hookspecs import hookimpl
-from fedlight.privacy.accounting import Accountant, noise_for_epsilon
+from fedlight.privacy.accounting import Accountant, check_mechanism_args, noise_for_epsilon
 from fedlight.privacy.base import Privacy, RunSpec
 from fedlight.tasks.base import StepOutput, Task
 
@@ -148,18 +147,10 @@ class DPSGD(Privacy):
         target_epsilon: float | None = None,
         per_sample_grads: Literal["auto", "vmap", "loop"] = "auto",
     ) -> None:
-        if noise_multiplier is None and target_epsilon is None:
-            raise ValueError("dp_sgd noise_multiplier: null needs target_epsilon (sigma is picked for the budget)")
-        if noise_multiplier is not None and not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
-            raise ValueError(f"dp_sgd noise_multiplier must be > 0 or null, got {noise_multiplier}")
-        if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
-            raise ValueError(f"dp_sgd max_grad_norm must be > 0, got {max_grad_norm}")
-        if not 0 < delta < 1:
-            raise ValueError(f"dp_sgd delta must be in (0, 1), got {delta}")
-        if sampling not in ("fixed", "poisson"):
-            raise ValueError(f"dp_sgd sampling must be 'fixed' or 'poisson', got {sampling!r}")
-        if target_epsilon is not None and not target_epsilon > 0:
-            raise ValueError(f"dp_sgd target_epsilon must be > 0 or null, got {target_epsilon}")
+        check_mechanism_args(
+            "dp_sgd", noise_multiplier=noise_multiplier, delta=delta, bounds={"max_grad_norm": max_grad_norm},
+            target_epsilon=target_epsilon, sampling=sampling,
+        )
         if per_sample_grads not in ("auto", "vmap", "loop"):
             raise ValueError(f"dp_sgd per_sample_grads must be 'auto', 'vmap' or 'loop', got {per_sample_grads!r}")
         self.noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
 
 from fedlight.core.state import State
 from fedlight.hookspecs import hookimpl
-from fedlight.privacy.accounting import Accountant
+from fedlight.privacy.accounting import Accountant, check_mechanism_args
 from fedlight.privacy.base import Privacy
 from fedlight.privacy.dp_fedavg import clip_state, gaussian_like
 
@@ -41,14 +40,10 @@ class LocalDP(Privacy):
         delta: float = 1e-5,
         accountant: Literal["rdp", "pld"] = "rdp",
     ) -> None:
-        if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
-            raise ValueError(f"local_dp noise_multiplier must be > 0, got {noise_multiplier}")
-        if not (clip_norm > 0 and math.isfinite(clip_norm)):
-            raise ValueError(f"local_dp clip_norm must be > 0, got {clip_norm}")
-        if not 0 < delta < 1:
-            raise ValueError(f"local_dp delta must be in (0, 1), got {delta}")
-        if accountant not in ("rdp", "pld"):
-            raise ValueError(f"local_dp accountant must be 'rdp' or 'pld', got {accountant!r}")
+        check_mechanism_args(
+            "local_dp", noise_multiplier=noise_multiplier, delta=delta, bounds={"clip_norm": clip_norm},
+            accountant=accountant,
+        )
         self.noise_multiplier = float(noise_multiplier)
         self.clip_norm = float(clip_norm)
         self.delta = float(delta)

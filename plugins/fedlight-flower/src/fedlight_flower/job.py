@@ -248,15 +248,4 @@ class FedlightJob:
         module.peft.set_state(module.model, global_state)
         module.peft.set_state(module.model, self.initial_local)
         loader = DataLoader(list(self.dm.splits.val), batch_size=self.dm.eval_batch_size, collate_fn=module.task.collate)
-        was_training = module.model.training
-        module.model.eval()
-        metrics = module.task.metrics(module.num_classes).clone(prefix="val_").to(self.device)
-        total, count = 0.0, 0
-        for batch in loader:
-            batch = module.transfer_batch_to_device(batch, self.device, 0)
-            out = module.task.step(module.model, batch)
-            metrics.update(out.preds, out.target)
-            total += float(out.loss) * len(out.target)
-            count += len(out.target)
-        module.model.train(was_training)
-        return {"val_loss": total / max(count, 1), **{k: float(v) for k, v in metrics.compute().items()}}
+        return module.evaluate(loader)  # the same evaluation as the in-process round 0

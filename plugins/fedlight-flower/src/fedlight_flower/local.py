@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -54,6 +55,9 @@ class LocalDeployment:
         self.flwr_home = self.workdir / "flwr-home"
         self.env = fedlight_flower.apply_quiet_env(dict(os.environ))
         self.env["FLWR_HOME"] = str(self.flwr_home)  # FABs, the CLI connection: nothing in ~/.flwr
+        # Flower's console scripts (and the flwr-serverapp/flwr-clientapp processes they start) from this
+        # environment, even when it is not activated
+        self.env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), self.env.get("PATH", "")])
 
     def _spawn(self, argv: list[str], log: str) -> subprocess.Popen:
         out = (self.workdir / log).open("w")
