@@ -547,7 +547,7 @@ class FederatedRound(pl.Callback):
         if self.checkpoint_every and (self.plan.round % self.checkpoint_every == 0 or last):
             directory = self.log_dir(trainer) / "checkpoints"
             path = directory / f"round-{self.plan.round:04d}.ckpt"
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # full state: the round callback resumes from it
             atomic_copy(path, directory / "last.ckpt")
         if self.export_every and (self.plan.round % self.export_every == 0 or last) and trainer.is_global_zero:
             out = self.log_dir(trainer) / "adapters" / f"round-{self.plan.round:04d}"
