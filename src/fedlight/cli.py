@@ -220,9 +220,9 @@ def print_plugin_packages(stream=None) -> None:
     """Installed packages in the ``fedlight`` entry-point group, with or without plugin classes (e.g. engines)."""
     import importlib.metadata
 
-    from fedlight.plugins import DISABLE_AUTOLOAD_ENV, ENTRY_POINT_GROUP
+    from fedlight.plugins import ENTRY_POINT_GROUP, autoload_enabled
 
-    if os.environ.get(DISABLE_AUTOLOAD_ENV, "") in ("1", "true", "yes"):
+    if not autoload_enabled():
         return
     eps = sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.value)
     if eps:

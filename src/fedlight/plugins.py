@@ -34,6 +34,11 @@ ENTRY_POINT_GROUP = "fedlight"
 DISABLE_AUTOLOAD_ENV = "FEDLIGHT_DISABLE_PLUGIN_AUTOLOAD"
 BUILTIN_PROVIDER = "fedlight"
 
+
+def autoload_enabled() -> bool:
+    """Whether entry-point plugins load (``FEDLIGHT_DISABLE_PLUGIN_AUTOLOAD=1|true|yes`` turns it off)."""
+    return os.environ.get(DISABLE_AUTOLOAD_ENV, "") not in ("1", "true", "yes")
+
 #: kind -> (hook name, base class). Adding a kind is one line here plus one hookspec.
 KINDS: dict[str, tuple[str, type]] = {
     "tasks": ("fedlight_tasks", Task),
@@ -152,7 +157,7 @@ def build_plugin_manager(
         pm.register(module, name=module.__name__)
         providers[module.__name__] = BUILTIN_PROVIDER
     if autoload is None:
-        autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "") not in ("1", "true", "yes")
+        autoload = autoload_enabled()
     if autoload:
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             package = _distribution_name(ep)
