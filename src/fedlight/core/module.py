@@ -147,8 +147,12 @@ class FederatedModule(pl.LightningModule):
         self.test_metrics.reset()
 
     @torch.no_grad()
-    def evaluate(self, loader, prefix: str = "val_") -> dict[str, float]:
-        """Metrics of the current model on a loader outside Lightning's loops (the round-0 baseline)."""
+    def evaluate(self, loader, prefix: str = "val_", generate: bool = True) -> dict[str, float]:
+        """Metrics of the current model on a loader outside Lightning's loops (the round-0 baseline).
+
+        ``generate=False`` skips the generative metrics, which always run on the validation split
+        (not on ``loader``), e.g. for per-client personalised evaluation.
+        """
         was_training = self.model.training
         self.model.eval()
         metrics = self.task.metrics(self.num_classes).clone(prefix=prefix).to(self.device)
@@ -160,7 +164,8 @@ class FederatedModule(pl.LightningModule):
             total += float(out.loss) * len(out.target)
             count += len(out.target)
         results = {f"{prefix}loss": total / max(count, 1), **{k: float(v) for k, v in metrics.compute().items()}}
-        results.update(self.generation_metrics(prefix))
+        if generate:
+            results.update(self.generation_metrics(prefix))
         self.model.train(was_training)
         return results
 

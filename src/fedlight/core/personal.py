@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import torch
+from torch.utils.data import DataLoader
 
 from fedlight.core.state import State
 
@@ -56,21 +56,10 @@ def accuracy_key(metric_names: Sequence[str]) -> str | None:
     return next((m for m in metric_names if m.endswith("acc")), None)
 
 
-@torch.no_grad()
 def client_metric(pl_module: Any, examples: Sequence[dict], key: str, batch_size: int) -> float:
     """One task metric of the module's current model on a list of examples (eval mode, no RNG used)."""
-    task, model = pl_module.task, pl_module.model
-    was_training = model.training
-    model.eval()
-    metrics = task.metrics(pl_module.num_classes).to(pl_module.device)
-    for start in range(0, len(examples), batch_size):
-        batch = task.collate(list(examples[start : start + batch_size]))
-        batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-        out = task.step(model, batch)
-        metrics[key].update(out.preds, out.target)
-    value = float(metrics[key].compute())
-    model.train(was_training)
-    return value
+    loader = DataLoader(list(examples), batch_size=batch_size, collate_fn=pl_module.task.collate)
+    return pl_module.evaluate(loader, generate=False)[f"val_{key}"]
 
 
 def personal_metrics(
