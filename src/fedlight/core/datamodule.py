@@ -53,7 +53,11 @@ def collate_with_client(collate: Callable[[list[Example]], dict[str, Any]], exam
 
 
 class RoundBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Batches of one round: each sampled client's local steps in turn, reshuffled per epoch of its data."""
+    """Batches of one round: each sampled client's local steps in turn, reshuffled per epoch of its data.
+
+    With ``plan.batches == "subsample"`` every step is instead an independent uniform draw of
+    ``batch_size`` of the client's examples without replacement (see ``RoundPlan``).
+    """
 
     def __init__(self, plan: RoundPlan, client_indices: Sequence[np.ndarray], batch_size: int, seed: int) -> None:
         self.plan = plan
@@ -69,6 +73,10 @@ class RoundBatchSampler(Sampler[list[tuple[int, int]]]):
             indices = self.client_indices[client]
             rng = np.random.default_rng([self.seed, self.plan.round, client])
             size = min(self.batch_size, len(indices))
+            if self.plan.batches == "subsample":  # each step independent (what DP-SGD's accountant assumes)
+                for _ in range(steps):
+                    yield [(client, int(i)) for i in rng.choice(indices, size=size, replace=False)]
+                continue
             order = rng.permutation(indices)
             pos = 0
             for _ in range(steps):
@@ -125,8 +133,9 @@ class FederatedDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.dataset: {self.dataset.name!r} has no training examples")
         try:
             self.client_indices = self.partitioner(
-                self.splits.train_labels(), self.num_clients, resolve_seed(self.seed), groups=self.splits.groups
-            )
+                self.splits.train_labels(), self.num_clients, resolve_seed(self.seed), groups=self.splits.groups,
+                examples=self.splits.train,
+            )  # fmt: skip
         except ValueError as err:
             raise ConfigError(f"data.partitioner ({self.partitioner.name}): {err}") from err
 

@@ -15,7 +15,11 @@ class RoundPlan:
 
     ``training`` are the sampled clients that train (with ``steps`` local steps each, same order);
     ``dropped_before`` never start; ``lost`` train but their update never arrives (dropout after
-    training, or a straggler past the deadline under the ``drop`` policy).
+    training, or a straggler past the deadline under the ``drop`` policy). ``placeholder``: nobody
+    was sampled (an empty Poisson cohort); ``training`` then holds one client whose single step only
+    keeps Lightning's epoch non-empty and whose update is discarded (it is in ``lost``).
+    ``batches``: how each local step's batch is drawn (``shuffle``: passes over the reshuffled
+    client data; ``subsample``: every step an independent uniform subset without replacement).
     """
 
     round: int  # 1-based round index
@@ -24,6 +28,8 @@ class RoundPlan:
     steps: tuple[int, ...]
     dropped_before: tuple[int, ...] = ()
     lost: tuple[int, ...] = ()
+    placeholder: bool = False
+    batches: str = "shuffle"
 
     @property
     def total_steps(self) -> int:
@@ -44,6 +50,8 @@ def plan_round(
     straggler_policy: str = "partial",
     sampling: str = "uniform",
     step_scale: Sequence[float] | None = None,
+    poisson_rate: float | None = None,
+    batches: str = "shuffle",
 ) -> RoundPlan:
     """Seeded sampling without replacement; depends only on its arguments, so it is resumable.
 
@@ -58,12 +66,25 @@ def plan_round(
     (successive draws without replacement, so with several clients per round the inclusion
     probabilities are only approximately proportional). ``step_scale[k]`` (a compute-tier fraction)
     scales client k's steps to ``max(1, ceil(step_scale[k] * steps))`` before the deadline applies.
+
+    ``poisson_rate`` q (set only when the privacy mechanism's accounting needs it, see
+    ``Privacy.cohort_sampling``): instead of exactly ``clients_per_round`` clients, every client is
+    included independently with probability q (Poisson sampling, McMahan et al. 2018), so the cohort
+    size is Binomial(num_clients, q) and may be 0. ``batches`` is copied into the plan.
     """
     num_clients = len(client_sizes)
     if not 1 <= clients_per_round <= num_clients:
         raise ValueError(f"clients_per_round must be in [1, num_clients={num_clients}], got {clients_per_round}")
+    if batches not in ("shuffle", "subsample"):
+        raise ValueError(f"batches must be 'shuffle' or 'subsample', got {batches!r}")
     rng = np.random.default_rng([seed, round_idx])
-    if sampling == "weighted":
+    if poisson_rate is not None:
+        if not 0 < poisson_rate <= 1:
+            raise ValueError(f"poisson_rate must be in (0, 1], got {poisson_rate}")
+        if sampling != "uniform":
+            raise ValueError(f"Poisson client sampling includes every client at the same rate; got sampling {sampling!r}")
+        chosen = np.flatnonzero(rng.random(num_clients) < poisson_rate)
+    elif sampling == "weighted":
         p = np.asarray(client_sizes, dtype=np.float64)
         if (p > 0).sum() < clients_per_round:
             raise ValueError(f"weighted sampling needs >= clients_per_round={clients_per_round} non-empty clients")
@@ -91,10 +112,14 @@ def plan_round(
             lost.extend(c for c in late if c not in lost)
         else:
             wanted.update({c: deadline_steps for c in late})
+    placeholder = not clients
     if not training:
-        training, wanted[clients[0]] = [clients[0]], 1
-        dropped_before = tuple(c for c in dropped_before if c != clients[0])
-        lost.append(clients[0])
+        # an empty Poisson cohort: a client with data runs the placeholder step (nobody was sampled)
+        first = clients[0] if clients else next((c for c, n in enumerate(client_sizes) if n > 0), 0)
+        training, wanted[first] = [first], 1
+        dropped_before = tuple(c for c in dropped_before if c != first)
+        lost.append(first)
     return RoundPlan(
-        round_idx, clients, tuple(training), tuple(wanted[c] for c in training), dropped_before, tuple(sorted(lost))
-    )
+        round_idx, clients, tuple(training), tuple(wanted[c] for c in training), dropped_before, tuple(sorted(lost)),
+        placeholder, batches,
+    )  # fmt: skip

@@ -243,6 +243,9 @@ class FederatedRound(pl.Callback):
             self.faults.straggler_policy,
             self.client_sampling,
             self._step_scale,
+            # Poisson cohorts / independent batches only when the privacy accounting assumes them
+            self.clients_per_round / self._dm.num_clients if self.privacy.cohort_sampling == "poisson" else None,
+            self.privacy.batch_sampling,
         )
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -286,8 +289,9 @@ class FederatedRound(pl.Callback):
             k = self.local_steps if self.local_steps is not None else max(1, math.ceil(self.local_epochs * n / dm.batch_size))
             steps.append(min(k, self.faults.deadline_steps) if self.faults.deadline_steps else k)
         return RunSpec(
-            dm.num_clients, self.clients_per_round, self.rounds, dm.batch_size, tuple(dm.client_sizes), tuple(steps)
-        )
+            dm.num_clients, self.clients_per_round, self.rounds, dm.batch_size, tuple(dm.client_sizes), tuple(steps),
+            self.client_sampling, self.faults.min_clients,
+        )  # fmt: skip
 
     def log_dir(self, trainer: pl.Trainer) -> Path:
         path = Path(trainer.log_dir or trainer.default_root_dir)
@@ -484,7 +488,8 @@ class FederatedRound(pl.Callback):
         for client_id, reason in report.rejected.items():
             rank_zero_info(f"[fedlight] round {self.plan.round}: rejected update of client {client_id}: {reason}")
         self._round_report = report
-        if len(report.accepted) < self.faults.min_clients:
+        # a Poisson-cohort mechanism releases every round (an empty one is noise only): never skipped
+        if len(report.accepted) < self.faults.min_clients and self.privacy.cohort_sampling != "poisson":
             message = (
                 f"round {self.plan.round}: {len(report.accepted)} accepted updates < federation.faults.min_clients "
                 f"({self.faults.min_clients})"
@@ -529,7 +534,7 @@ class FederatedRound(pl.Callback):
             "round": self.plan.round,
             "num_clients": len(report.accepted),
             "rejected": len(report.rejected),
-            "dropped": len(self.plan.dropped_before) + len(set(self.plan.lost) - set(self.failed)),
+            "dropped": len(self.plan.dropped_before) + len(set(self.plan.lost) - set(self.failed)) - self.plan.placeholder,
             "failed": len(self.failed),
             "uplink_bytes": report.uplink_bytes,
             "downlink_bytes": self.round_downlink,

@@ -71,8 +71,8 @@ class ServerPipeline:
             decoded.append(DecodedUpdate(update.client_id, update.num_examples, delta))
         decoded = self.privacy.server_transform(decoded, generator)
         report.accepted = [u.client_id for u in decoded]
-        if not decoded:
-            return global_state, report
+        if not decoded:  # the privacy plugin still sees the round (Poisson DP-FedAvg releases noise only)
+            return self.privacy.post_aggregate(global_state, global_state, 0, generator), report
         new_global, report.base_delta = self.aggregator.aggregate_with_base(global_state, decoded)
         new_global = self.privacy.post_aggregate(global_state, new_global, len(decoded), generator)
         return new_global, report

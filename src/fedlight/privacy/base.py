@@ -17,7 +17,10 @@ from fedlight.core.update import DecodedUpdate
 class RunSpec:
     """What a privacy mechanism may need to know about the run before round 1.
 
-    ``client_steps[k]`` is the most local steps client k takes in a round it is sampled in.
+    ``client_steps[k]`` is the most local steps client k takes in a round it is sampled in;
+    ``client_sampling`` is ``federation.client_sampling`` (``uniform`` or ``weighted``) and
+    ``min_clients`` is ``federation.faults.min_clients`` (a mechanism whose guarantee needs every
+    round released refuses a value above 1).
     """
 
     population: int
@@ -26,6 +29,8 @@ class RunSpec:
     batch_size: int = 1
     client_sizes: tuple[int, ...] = ()
     client_steps: tuple[int, ...] = field(default=())
+    client_sampling: str = "uniform"
+    min_clients: int = 1
 
 
 class Privacy(Plugin):
@@ -43,6 +48,21 @@ class Privacy(Plugin):
     requires_uniform_mean: ClassVar[bool] = False
     #: acts inside local training (per-example): the module calls :meth:`private_step` for every batch
     per_sample: ClassVar[bool] = False
+    #: how each step's batch must be drawn for the accounting to hold: ``shuffle`` (passes over a
+    #: reshuffled client dataset) or ``subsample`` (every step an independent uniform subset of
+    #: ``batch_size`` examples without replacement, what ``SampledWithoutReplacementDpEvent`` assumes)
+    batch_sampling: ClassVar[str] = "shuffle"
+
+    @property
+    def cohort_sampling(self) -> str:
+        """How the round plan must draw each round's clients for this mechanism's accounting to hold.
+
+        ``fixed``: exactly ``clients_per_round`` clients (uniform without replacement, or as
+        ``federation.client_sampling`` says). ``poisson``: every client independently with
+        probability ``clients_per_round / num_clients`` (a variable cohort, possibly empty); the
+        round then always releases ``post_aggregate``'s output, even with no update.
+        """
+        return "fixed"
 
     def bind(self, population: int, clients_per_round: int) -> None:
         """Receive the run's sampling (clients in the federation, clients per round) before round 1."""

@@ -69,21 +69,37 @@ def gaussian_like(state: dict[str, torch.Tensor], std: float, generator: torch.G
 class DPFedAvg(Privacy):
     """Central user-level DP-FedAvg with fixed or adaptive clipping (McMahan et al. 2018; Andrew et al. 2021).
 
-    Each decoded client delta is clipped to global L2 norm ``clip_norm`` (C); after the (uniform,
-    FedAvg-like) aggregator has applied the mean, Gaussian noise of std ``sigma * C / n`` is added to
-    the mean delta, i.e. ``sigma * C`` on the sum of ``n`` clipped deltas.
+    Each decoded client delta is clipped to global L2 norm ``clip_norm`` (C) and Gaussian noise of
+    std ``sigma_eff * C`` is added to the sum of the clipped deltas (the uniform FedAvg aggregator's
+    mean is turned back into that sum in ``post_aggregate``).
 
-    Accounting: every round composes one sampled Gaussian event. ``sampling: fixed`` (the round plan
-    samples ``clients_per_round`` of ``population`` uniformly without replacement) is accounted
-    under replace-one adjacency, where one user's clipped delta moves the sum by up to 2C, so the
-    event's noise multiplier is ``sigma / 2``; ``sampling: poisson`` (rate clients_per_round /
-    population) uses add-or-remove-one adjacency and ``sigma``.
+    ``sampling: fixed``: the round plan draws exactly ``clients_per_round`` (m) of ``population``
+    (N) clients uniformly without replacement; the new state is ``old + (sum + noise) / n`` with n
+    the accepted updates. Accounted per round as ``SampledWithoutReplacementDpEvent(N, m)`` under
+    replace-one adjacency: one user moves the clipped sum by up to 2C, so the multiplier is sigma/2.
 
-    Adaptive clipping (Andrew et al. 2021): after each round ``C <- C * exp(-lr * (b - q))`` where
-    ``b`` is the fraction of updates with norm <= C, noised with std ``clipped_count_stddev / n``
-    (default ``0.05 * clients_per_round``, the paper's choice). The count release is private too, so
-    the updates are noised with ``sigma_eff = (sigma^-2 - (2 sigma_b)^-2)^-1/2 > sigma`` and the pair
-    together is accounted as one Gaussian mechanism with ``noise_multiplier`` (the paper's Thm. 1).
+    ``sampling: poisson`` (McMahan et al. 2018): the round plan includes every client independently
+    with probability q = m / N (``cohort_sampling``), so the cohort is Binomial(N, q), possibly
+    empty; the new state uses the fixed-denominator estimator ``old + (sum + noise) / (q N)``, whose
+    sensitivity does not depend on the realised cohort, and an empty cohort still releases
+    ``old + noise / (q N)``. Accounted as ``PoissonSampledDpEvent(q, Gaussian(sigma))`` under
+    add-or-remove-one adjacency (sensitivity C).
+
+    Adaptive clipping (Andrew et al. 2021; TF Privacy ``QuantileEstimatorQuery``): every client
+    reports ``b_i - 1/2`` with ``b_i = [norm_i <= C]`` (centred: sensitivity 1/2 under add/remove);
+    the server adds N(0, sigma_b^2) to the sum, divides by the same denominator as the update (q N,
+    or n with ``fixed``), adds 1/2 back and clamps to [0, 1]: that is b~, and
+    ``C <- C * exp(-lr * (b~ - gamma))``. The count is a second Gaussian release on the same cohort:
+    multipliers ``sigma_eff`` (sum, sensitivity C) and ``2 sigma_b`` (count, sensitivity 1/2)
+    together are one Gaussian mechanism with ``sigma = (sigma_eff^-2 + (2 sigma_b)^-2)^-1/2``
+    (the paper's §3.1), so the updates get ``sigma_eff = (sigma^-2 - (2 sigma_b)^-2)^-1/2 > sigma``
+    and the accountant composes ``noise_multiplier`` = sigma. Under replace-one (``fixed``) both
+    sensitivities double and the same relation holds for the halved multipliers.
+
+    Refused before training (``bind_run``): ``federation.client_sampling: weighted`` (the accounting
+    assumes every client is included at rate m / N, weighted sampling includes large clients more
+    often); with ``poisson``, ``faults.min_clients > 1`` (every round must be released) and
+    secure aggregation (a Poisson cohort can have fewer than two clients).
 
     Args:
         noise_multiplier: sigma, the overall noise multiplier that is accounted; null (with
@@ -95,7 +111,9 @@ class DPFedAvg(Privacy):
             null takes ``data.num_clients`` from the run (a different explicit value is an error).
         clients_per_round: clients sampled per round (expected number with ``poisson``); null takes
             ``federation.clients_per_round``.
-        sampling: ``fixed`` (uniform without replacement, as the round plan samples) or ``poisson``.
+        sampling: ``fixed`` (exactly ``clients_per_round`` clients per round) or ``poisson`` (each
+            client independently at rate clients_per_round / population; the round plan then draws
+            Poisson cohorts).
         accountant: ``rdp`` or ``pld`` (``pld`` supports ``poisson`` only).
         target_epsilon: optional budget; ``would_exceed()`` tells the round loop to stop before it.
         adaptive_clipping: adapt C towards ``target_quantile`` of the update norms.
@@ -171,8 +189,25 @@ class DPFedAvg(Privacy):
         sigma_b = self._clipped_count_stddev
         self._set_count_noise(0.05 * clients_per_round if sigma_b is None else sigma_b)
 
+    @property
+    def cohort_sampling(self) -> str:
+        """``poisson``: the round plan must draw Poisson cohorts (see the class docstring)."""
+        return self.sampling
+
     def bind_run(self, spec: RunSpec) -> None:
         """Bind the sampling; with ``noise_multiplier: null`` pick sigma so ``spec.rounds`` rounds fit ``target_epsilon``."""
+        if spec.client_sampling != "uniform":
+            raise ValueError(
+                f"dp_fedavg accounts for every client being sampled at the same rate (clients_per_round / population); "
+                f"federation.client_sampling: {spec.client_sampling} samples some clients more often, so the reported "
+                "epsilon would be too low: set federation.client_sampling: uniform"
+            )
+        if self.sampling == "poisson" and spec.min_clients > 1:
+            raise ValueError(
+                f"dp_fedavg sampling: poisson releases every round (an empty cohort adds noise only); skipping rounds "
+                f"with fewer than faults.min_clients={spec.min_clients} accepted updates would depend on the data: "
+                "set federation.faults.min_clients: 1"
+            )
         self.bind(spec.population, spec.clients_per_round)
         if self.noise_multiplier is None:
             fixed = self.sampling == "fixed"
@@ -214,11 +249,20 @@ class DPFedAvg(Privacy):
         self._pending_count = (float(unclipped), len(updates))
         return out
 
+    def denominator(self, num_updates: int) -> float:
+        """What the noised sum is divided by: q N = clients_per_round (``poisson``), else the accepted count."""
+        return float(self.clients_per_round) if self.sampling == "poisson" else float(num_updates)
+
     def secure_clip_norm(self) -> float:
         """Under secure aggregation each client clips its own delta to C (the server cannot)."""
         return self.clip_norm
 
     def secure_aggregation_problem(self) -> str | None:
+        if self.sampling == "poisson":
+            return (
+                "sampling: poisson draws cohorts of random size (possibly 0 or 1 client), which the secure-sum "
+                "protocol cannot mask; use sampling: fixed with secure aggregation"
+            )
         if self.adaptive_clipping:
             return (
                 "adaptive_clipping counts unclipped updates on the server, which never sees them under secure "
@@ -227,24 +271,35 @@ class DPFedAvg(Privacy):
         return None
 
     def post_aggregate(self, old_global: State, new_global: State, num_updates: int, generator: torch.Generator) -> State:
-        if num_updates < 1:
-            return new_global
-        std = self.update_noise_multiplier * self.clip_norm / num_updates
+        if num_updates < 1 and self.sampling != "poisson":
+            return new_global  # fixed: nothing arrived, nothing is released
+        denominator = self.denominator(num_updates)
+        std = self.update_noise_multiplier * self.clip_norm / denominator
+        scale = num_updates / denominator  # the aggregator's mean times n / denominator: the sum / denominator
         mean_delta = subtract(new_global, old_global)
         noise = gaussian_like(mean_delta, std, generator)
-        noisy = {k: (old_global[k].float() + mean_delta[k] + noise[k]).to(old_global[k].dtype) for k in old_global}
-        if self.adaptive_clipping and self._pending_count is not None:
-            count, n = self._pending_count
+        noisy = {
+            k: (old_global[k].float() + mean_delta[k] * scale + noise[k]).to(old_global[k].dtype) for k in old_global
+        }
+        if self.adaptive_clipping:
+            count, n = self._pending_count if self._pending_count is not None else (0.0, 0)
             self.update_clip(count, n, generator)
         self._pending_count = None
         return noisy
 
     def update_clip(self, unclipped_count: float, num_updates: int, generator: torch.Generator | None = None) -> float:
-        """Geometric clip update from this round's (noised) unclipped fraction; returns the new C."""
+        """Geometric clip update from this round's noised, centred unclipped fraction; returns the new C.
+
+        ``sum_i (b_i - 1/2) + N(0, sigma_b^2)``, divided by :meth:`denominator`, plus 1/2, clamped to
+        [0, 1] (TF Privacy's ``QuantileEstimatorQuery``). Without a generator no noise is drawn.
+        """
         noise = 0.0
         if self.clipped_count_stddev > 0 and generator is not None:
             noise = float(torch.randn((), generator=generator, dtype=torch.float64)) * self.clipped_count_stddev
-        fraction = (unclipped_count + noise) / max(num_updates, 1)
+        centred = unclipped_count - 0.5 * num_updates
+        denominator = self.denominator(num_updates)
+        fraction = 0.5 + (centred + noise) / denominator if denominator > 0 else 0.5
+        fraction = min(1.0, max(0.0, fraction))
         self.clip_norm = self.clip_norm * math.exp(-self.clip_learning_rate * (fraction - self.target_quantile))
         return self.clip_norm
 

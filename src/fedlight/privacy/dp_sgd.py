@@ -117,18 +117,20 @@ class DPSGD(Privacy):
 
     Accounting (per client, example-level adjacency inside that client's data): every step of
     client k is one sampled Gaussian event over its n_k examples with the batch size actually drawn.
-    ``sampling: fixed`` (default; the loader draws fixed-size batches) uses dp-accounting's
-    ``SampledWithoutReplacementDpEvent`` under replace-one adjacency (sensitivity 2C: multiplier
-    sigma/2); ``sampling: poisson`` accounts each step as Poisson sampling at rate B/n_k
-    (add-or-remove-one, multiplier sigma): the usual approximation of shuffled batches. ``epsilon()``
-    is the worst client's ε so far; :meth:`client_epsilons` gives each client's.
+    The round plan makes the loader draw each step's batch as an independent uniform subset of
+    B = min(batch_size, n_k) examples without replacement (``batch_sampling = "subsample"``), which is
+    exactly dp-accounting's ``SampledWithoutReplacementDpEvent(n_k, B)`` (Wang et al. 2019), under
+    replace-one adjacency (sensitivity 2C: multiplier sigma/2). ``sampling: poisson`` is refused:
+    the batches are fixed-size, and Poisson accounting of them (the common shortcut for shuffled
+    batches) would report a lower ε than what runs. ``epsilon()`` is the worst client's ε so far;
+    :meth:`client_epsilons` gives each client's.
 
     Args:
         noise_multiplier: sigma; null picks the smallest sigma for which a client that takes part in
             every round spends at most ``target_epsilon`` after ``federation.rounds`` rounds.
         max_grad_norm: C, the per-example gradient clipping bound.
         delta: the delta at which ε is reported.
-        sampling: ``fixed`` or ``poisson`` (how each step's batch is accounted; see above).
+        sampling: ``fixed`` (the only accepted value: fixed-size batches, see above).
         target_epsilon: budget; training stops before a round that could exceed it.
         per_sample_grads: ``auto`` (vmap, falling back to a per-example loop if the model cannot be
             vmapped), ``vmap`` or ``loop``.
@@ -136,6 +138,7 @@ class DPSGD(Privacy):
 
     name = "dp_sgd"
     per_sample: ClassVar[bool] = True
+    batch_sampling: ClassVar[str] = "subsample"
     example_args = {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
 
     def __init__(
@@ -151,6 +154,12 @@ class DPSGD(Privacy):
             "dp_sgd", noise_multiplier=noise_multiplier, delta=delta, bounds={"max_grad_norm": max_grad_norm},
             target_epsilon=target_epsilon, sampling=sampling,
         )
+        if sampling == "poisson":
+            raise ValueError(
+                "dp_sgd sampling: poisson is refused: local training draws fixed-size batches (each step an "
+                "independent uniform subset of batch_size examples), accounted exactly as sampling without "
+                "replacement; Poisson accounting would report a lower epsilon than what runs. Use sampling: fixed"
+            )
         if per_sample_grads not in ("auto", "vmap", "loop"):
             raise ValueError(f"dp_sgd per_sample_grads must be 'auto', 'vmap' or 'loop', got {per_sample_grads!r}")
         self.noise_multiplier = None if noise_multiplier is None else float(noise_multiplier)
@@ -179,14 +188,9 @@ class DPSGD(Privacy):
                 if n < 1:
                     continue
                 b = min(spec.batch_size, n)
-                sigma = max(sigma, self._calibrate(spec.rounds * steps, self.sampling, n, b))
+                # the event's multiplier is sigma/2 (replace-one, sensitivity 2C)
+                sigma = max(sigma, 2 * noise_for_epsilon(self.target_epsilon, self.delta, None, spec.rounds * steps, "fixed", n, b))
             self.noise_multiplier = sigma
-
-    def _calibrate(self, steps: int, sampling: str, n: int, b: int) -> float:
-        if sampling == "fixed":
-            # the event's multiplier is sigma/2 (replace-one, sensitivity 2C)
-            return 2 * noise_for_epsilon(self.target_epsilon, self.delta, None, steps, "fixed", n, b)
-        return noise_for_epsilon(self.target_epsilon, self.delta, b / n, steps, "poisson")
 
     def check_model(self, model: nn.Module) -> None:
         for name, module in model.named_modules():
@@ -243,11 +247,7 @@ class DPSGD(Privacy):
         acc = self.accountants.setdefault(client, Accountant("rdp"))
         n = self.client_sizes[client] if 0 <= client < len(self.client_sizes) else size
         n = max(n, size)
-        sigma = self.noise_multiplier
-        if self.sampling == "fixed":
-            acc.compose(sigma / 2, None, steps, "fixed", n, size)
-        else:
-            acc.compose(sigma, size / n, steps, "poisson")
+        acc.compose(self.noise_multiplier / 2, None, steps, "fixed", n, size)  # replace-one: sensitivity 2C
 
     def on_round_end(self) -> None:
         for client, counts in self._round_steps.items():
