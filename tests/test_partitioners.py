@@ -18,13 +18,22 @@ ENTRIES = list(REGISTRY.entries["partitioners"].values())
 _rng = np.random.default_rng(123)
 LABELS = _rng.choice(10, size=600, p=np.linspace(1, 2, 10) / np.linspace(1, 2, 10).sum())  # mildly imbalanced
 GROUPS = _rng.integers(0, 40, size=600)  # 40 "writers"
+_WORDS = ["cat", "dog", "sun", "rain", "code", "bug", "tea", "cake", "ship", "star", "moon", "tree"]
+#: seeded unlabelled texts (varied lengths, label-correlated words) for label-free partitioners
+EXAMPLES = [
+    {"text": " ".join(_rng.choice(_WORDS[y % 6 : y % 6 + 6], size=1 + int(_rng.integers(1, 30)))), "group": str(g)}
+    for y, g in zip(LABELS, GROUPS)
+]
 NUM_CLIENTS = 8
 
 
 def _split(cls, labels=LABELS, num_clients=NUM_CLIENTS, seed=0, groups=GROUPS, **kwargs):
-    """Call a partitioner as the data module does; those that declare ``needs_groups`` also get ``groups``."""
+    """Call a partitioner as the data module does: ``needs_groups`` ones get ``groups``, ``needs_examples`` ones
+    also the examples."""
     part = cls(**{**cls.example_args, **kwargs})
     extra = {"groups": groups} if getattr(cls, "needs_groups", False) else {}
+    if getattr(cls, "needs_examples", False):
+        extra.update(groups=groups, examples=EXAMPLES[: len(labels)])
     return part(labels, num_clients, seed, **extra)
 
 

@@ -235,23 +235,10 @@ def print_plugin_packages(stream=None) -> None:
 
 
 def show_partitions(argv: list[str]) -> int:
-    """``fedlight partitions --config x.yaml [--plot out.png]``: per-client label histograms of a config."""
-    import argparse
+    """``fedlight partitions --config x.yaml [--plot out.png]``: per-client histograms of the partition key."""
+    from fedlight.report.partitions import show_partitions as show
 
-    from fedlight.report.partitions import format_histograms, label_histograms, plot_histograms
-
-    parser = argparse.ArgumentParser(prog="fedlight partitions", description=show_partitions.__doc__)
-    parser.add_argument("--config", required=True, help="a fedlight fit config")
-    parser.add_argument("--plot", help="also write stacked bars to this image file")
-    args = parser.parse_args(argv)
-    cli = run_cli(["--config", args.config, "--trainer.logger", "false"], run=False)
-    dm = cli.datamodule
-    dm.setup("fit")
-    histograms = label_histograms(dm.client_indices, dm.splits.train_labels(), dm.num_classes)
-    print(format_histograms(histograms, dm.splits.label_names))
-    if args.plot:
-        print(f"wrote {plot_histograms(histograms, args.plot, dm.splits.label_names)}")
-    return 0
+    return show(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,6 +265,14 @@ def main(argv: list[str] | None = None) -> int:
         from fedlight.report.summary import main as report_main
 
         return report_main(argv[1:])
+    if argv[:1] == ["evaluate"]:  # evaluation suites on an exported adapter, no training
+        from fedlight.evaluators.run import main as evaluate_main
+
+        try:
+            return evaluate_main(argv[1:])
+        except ConfigError as err:
+            print(f"fedlight: error: {err}", file=sys.stderr)
+            return 2
     try:
         run_cli(argv)
     except ConfigError as err:

@@ -85,6 +85,17 @@ def fedlight_client_methods() -> list[type]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Evaluation of the global model
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def fedlight_evaluators() -> list[type]:
+    """Return :class:`fedlight.evaluators.base.Evaluator` subclasses (benchmark suites on local files, run on
+    the global model every ``model.eval_every`` rounds and at the end, and by ``fedlight evaluate``)."""
+
+
+# ---------------------------------------------------------------------------------------------
 # Evaluation of defences
 # ---------------------------------------------------------------------------------------------
 

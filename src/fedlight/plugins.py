@@ -25,6 +25,7 @@ from fedlight.client_methods.base import ClientMethod
 from fedlight.codecs.base import Codec
 from fedlight.data.base import Dataset
 from fedlight.errors import ConfigError
+from fedlight.evaluators.base import Evaluator
 from fedlight.partitioners.base import Partitioner
 from fedlight.peft.base import PeftMethod
 from fedlight.privacy.base import Privacy
@@ -50,6 +51,7 @@ KINDS: dict[str, tuple[str, type]] = {
     "privacy": ("fedlight_privacy", Privacy),
     "attacks": ("fedlight_attacks", Attack),
     "client_methods": ("fedlight_client_methods", ClientMethod),
+    "evaluators": ("fedlight_evaluators", Evaluator),
 }
 
 #: packages whose modules may hold built-in hook implementations
@@ -63,6 +65,7 @@ BUILTIN_PACKAGES = [
     "fedlight.privacy",
     "fedlight.attacks",
     "fedlight.client_methods",
+    "fedlight.evaluators",
 ]
 
 

@@ -10,6 +10,7 @@ import torch
 from jsonargparse import lazy_instance
 
 from fedlight.errors import ConfigError
+from fedlight.evaluators.base import Evaluator
 from fedlight.peft.base import PeftMethod
 from fedlight.peft.lora import LoRA
 from fedlight.tasks.base import Task
@@ -24,15 +25,35 @@ class FederatedModule(pl.LightningModule):
         lr: client learning rate of the default AdamW optimizer (a top-level ``optimizer:`` section
             replaces it, as in any LightningCLI).
         weight_decay: AdamW weight decay.
+        evaluators: benchmark suites on local files (``multiple_choice``, ``numeric_match``,
+            ``reference``, or a plugin's) scored on the global model before training, every
+            ``eval_every`` rounds and after the last; columns ``val_<label>_<metric>`` in rounds.csv.
+        eval_every: run the evaluators every N rounds (and always after the last round).
     """
 
     def __init__(
-        self, task: Task, peft: PeftMethod = lazy_instance(LoRA), lr: float = 1e-3, weight_decay: float = 0.0
+        self,
+        task: Task,
+        peft: PeftMethod = lazy_instance(LoRA),
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        evaluators: list[Evaluator] | None = None,
+        eval_every: int = 1,
     ) -> None:
         super().__init__()
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
+        if eval_every < 1:
+            raise ValueError(f"model.eval_every must be >= 1, got {eval_every}")
         peft.check_family(task.family)  # fail at instantiation, before any data or training
+        self.evaluators = list(evaluators or [])
+        labels = [e.label for e in self.evaluators]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"model.evaluators: labels {labels} repeat; give each a distinct `label`")
+        for evaluator in self.evaluators:
+            evaluator.check_task(task)
+        self.eval_every = eval_every
+        self._evaluator_keys: set[str] = set()
         self.task = task
         self.peft = peft
         self.lr = lr
@@ -125,19 +146,62 @@ class FederatedModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val_")
 
-    def generation_metrics(self, prefix: str = "val_") -> dict[str, float]:
-        """Generative metrics of the current model on the validation split (empty for non-generative tasks)."""
+    def generation_metrics(self, prefix: str = "val_", round_idx: int | None = None) -> dict[str, float]:
+        """Generative metrics on the validation split plus the evaluators' when due (see :meth:`evaluators_due`).
+
+        Samples (the task's (prompt, generation, reference) triples, then each evaluator's dicts with
+        an ``evaluator`` field) are kept in ``last_samples`` for ``samples.jsonl``.
+        """
         result = self.task.generate_eval(self.model, list(self.trainer.datamodule.splits.val))
-        if result is None:
-            return {}
-        self.last_samples = result.samples
-        return {f"{prefix}{k}": v for k, v in result.metrics.items()}
+        out: dict[str, float] = {}
+        samples: list = []
+        if result is not None:
+            out.update({f"{prefix}{k}": v for k, v in result.metrics.items()})
+            samples.extend(result.samples)
+        if self.evaluators and self.evaluators_due(round_idx):
+            metrics, extra = self.run_evaluators(prefix)
+            out.update(metrics)
+            samples.extend(extra)
+        if result is not None or self.evaluators:
+            self.last_samples = samples
+        return out
+
+    def evaluators_due(self, round_idx: int | None) -> bool:
+        """Evaluators run on explicit evaluations (``round_idx`` None: round 0, ``fedlight evaluate``, Flower),
+        every ``eval_every`` rounds and after the last one."""
+        if round_idx is None:
+            return True
+        last = self._trainer is not None and self.trainer.max_epochs is not None and round_idx >= self.trainer.max_epochs
+        return round_idx % self.eval_every == 0 or last
+
+    @torch.no_grad()
+    def run_evaluators(self, prefix: str = "val_") -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Every evaluator on the current model (in eval mode): ``{prefix}<label>_<metric>`` and samples."""
+        was_training = self.model.training
+        self.model.eval()
+        metrics: dict[str, float] = {}
+        samples: list[dict[str, Any]] = []
+        try:
+            for evaluator in self.evaluators:
+                result = evaluator.evaluate(self.task, self.model)
+                metrics.update({f"{prefix}{evaluator.label}_{k}": float(v) for k, v in result.metrics.items()})
+                samples.extend({"evaluator": evaluator.label, **s} for s in result.samples)
+        finally:
+            self.model.train(was_training)
+        self._evaluator_keys.update(metrics)
+        return metrics, samples
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
         self.val_metrics.reset()
         if not self.trainer.sanity_checking:
-            self.log_dict(self.generation_metrics())
+            round_idx = self.trainer.current_epoch + 1 if self.trainer.state.fn == "fit" else None
+            if self.evaluators and not self.evaluators_due(round_idx):
+                # Lightning keeps the last logged value of a key: drop the evaluators' so a round they
+                # did not run on has empty cells in rounds.csv, not the previous round's numbers
+                for key in self._evaluator_keys:
+                    self.trainer.callback_metrics.pop(key, None)
+            self.log_dict(self.generation_metrics(round_idx=round_idx))
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, self.test_metrics, "test_")

@@ -599,9 +599,13 @@ class FederatedRound(pl.Callback):
         if not samples or not trainer.is_global_zero:
             return
         with (self.log_dir(trainer) / "samples.jsonl").open("a", encoding="utf-8") as f:
-            for prompt, generation, reference in samples:
-                record = {"round": round_idx, "prompt": prompt, "generation": generation, "reference": reference}
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            for sample in samples:  # the task's (prompt, generation, reference) triples, evaluators' dicts
+                if isinstance(sample, dict):
+                    record = {"round": round_idx, **sample}
+                else:
+                    prompt, generation, reference = sample
+                    record = {"round": round_idx, "prompt": prompt, "generation": generation, "reference": reference}
+                f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
 
     def _write_csv(self, path: Path) -> None:
         columns: list[str] = list(CSV_COLUMNS)

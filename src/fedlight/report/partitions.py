@@ -130,3 +130,50 @@ def plot_histograms(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# --- what `fedlight partitions` shows ------------------------------------------------------------------
+
+
+def partition_histograms(datamodule) -> tuple[np.ndarray, list[str], str]:
+    """Per-client histograms of the key a set-up data module's partitioner split on, its value names and title.
+
+    Label-free partitioners (``needs_examples``: topic clusters, a metadata column, length bins) are
+    shown over their own key; ``natural_id`` over the group ids; the others over the labels.
+    """
+    dm = datamodule
+    part = dm.partitioner
+    train = dm.splits.train
+    if getattr(part, "needs_examples", False):
+        from fedlight.core.datamodule import resolve_seed
+
+        key = part.partition_key(train, dm.splits.groups, resolve_seed(dm.seed))
+        return label_histograms(dm.client_indices, key.ids, key.num_values), key.names, key.title
+    if getattr(part, "needs_groups", False) and dm.splits.groups is not None:
+        names, ids = np.unique(np.asarray([str(g) for g in dm.splits.groups]), return_inverse=True)
+        return label_histograms(dm.client_indices, ids, len(names)), [str(n) for n in names], "group"
+    if dm.num_classes == 0:  # unlabelled data under a label partitioner: only the client sizes mean anything
+        return label_histograms(dm.client_indices, np.zeros(len(train), dtype=np.int64), 1), ["all"], "unlabelled"
+    return label_histograms(dm.client_indices, dm.splits.train_labels(), dm.num_classes), list(dm.splits.label_names), "label"
+
+
+def show_partitions(argv: list[str]) -> int:
+    """``fedlight partitions --config x.yaml [--plot out.png]``: per-client histograms of the partition key."""
+    import argparse
+
+    from fedlight.cli import run_cli
+
+    parser = argparse.ArgumentParser(prog="fedlight partitions", description=show_partitions.__doc__)
+    parser.add_argument("--config", required=True, help="a fedlight fit config")
+    parser.add_argument("--plot", help="also write stacked bars to this image file")
+    args = parser.parse_args(argv)
+    cli = run_cli(["--config", args.config, "--trainer.logger", "false"], run=False)
+    dm = cli.datamodule
+    dm.setup("fit")
+    histograms, names, title = partition_histograms(dm)
+    print(f"partition key: {title} ({dm.partitioner.name})")
+    print(format_histograms(histograms, names).replace("label skew", f"{title} skew"))
+    if args.plot:
+        path = plot_histograms(histograms, args.plot, names, title=f"{title} histogram per client ({dm.partitioner.name})")
+        print(f"wrote {path}")
+    return 0

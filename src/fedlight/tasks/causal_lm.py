@@ -101,6 +101,38 @@ def rouge_l_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def overlap_metrics(generations: list[str], references: list[str]) -> dict[str, float]:
+    """Mean exact match (after :func:`normalize_text`) and ROUGE-L F1 of generations against references."""
+    if len(generations) != len(references) or not references:
+        raise ValueError(f"{len(generations)} generations for {len(references)} references")
+    n = len(references)
+    em = sum(normalize_text(g) == normalize_text(r) for g, r in zip(generations, references)) / n
+    rouge = sum(rouge_l_f1(g, r) for g, r in zip(generations, references)) / n
+    return {"exact_match": float(em), "rougeL": float(rouge)}
+
+
+# --- scoring shared by the LM loss, DPO and log-likelihood evaluators -----------------------------
+
+
+def token_nll(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(shifted logits, shifted labels, per-token NLL) of a padded ``input_ids/attention_mask/labels`` batch.
+
+    NLL is 0 where labels are -100 (prompt and padding). Prompt-family PEFT methods prepend virtual
+    tokens: only the real positions are scored.
+    """
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = logits[:, logits.shape[1] - batch["labels"].shape[1] :]
+    logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
+    nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return logits, labels, nll
+
+
+def sequence_logprobs(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log-probability of its labelled tokens, and how many there are."""
+    _, labels, nll = token_nll(model, batch)
+    return -nll.sum(1), (labels != IGNORE_INDEX).sum(1)
+
+
 def _package_dir(spec: str) -> Path | None:
     """``package:NAME`` resolved without importing NAME when it ships no ``get_model_path``.
 
@@ -240,7 +272,18 @@ class CausalLM(Task):
 
     def encode(self, example: Example) -> tuple[list[int], list[int]]:
         """(input ids, labels) of one example, truncated to ``max_length``; labels are -100 on the prompt."""
-        p, r = self.prompt_ids(str(example["prompt"])), self.response_ids(str(example["response"]))
+        return self.encode_pair(str(example["prompt"]), str(example["response"]))
+
+    def encode_pair(self, prompt: str, response: str, add_eos: bool = True) -> tuple[list[int], list[int]]:
+        """(input ids, labels) of a prompt and its continuation; only continuation tokens are labelled.
+
+        ``add_eos=False`` scores the continuation alone (multiple-choice options: EOS would be a
+        different question, "is this where the answer ends?").
+        """
+        p = self.prompt_ids(prompt)
+        r = self.response_ids(response) if add_eos else list(self.tokenizer(response, add_special_tokens=False)["input_ids"])
+        if not r:
+            raise ValueError(f"continuation {response!r} has no tokens")
         if len(p) + len(r) > self.max_length:
             r = r[: max(1, self.max_length - len(p))]  # response tail goes first ...
             p = p[len(p) + len(r) - self.max_length :] if len(p) + len(r) > self.max_length else p  # ... then prompt head
@@ -265,7 +308,14 @@ class CausalLM(Task):
         return []
 
     def collate(self, examples: list[Example]) -> dict[str, Any]:
-        encoded = [self.encode(e) for e in examples]
+        return self.lm_collate(examples)
+
+    def lm_collate(self, examples: list[Example]) -> dict[str, Any]:
+        """The prompt -> response batch (subclasses with other batches, e.g. ``dpo``, keep this one)."""
+        return self.pad([self.encode(e) for e in examples])
+
+    def pad(self, encoded: list[tuple[list[int], list[int]]]) -> dict[str, Any]:
+        """Right-padded ``input_ids``/``attention_mask``/``labels`` of encoded (ids, labels) rows."""
         width = max(len(ids) for ids, _ in encoded)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
@@ -278,11 +328,11 @@ class CausalLM(Task):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
     def step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # prompt-family PEFT methods prepend virtual tokens: score only the real positions
-        logits = logits[:, logits.shape[1] - batch["labels"].shape[1] :]
-        logits, labels = logits[:, :-1].float(), batch["labels"][:, 1:]
-        nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        return self.lm_step(model, batch)
+
+    def lm_step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
+        """Response-token NLL loss and the per-example statistics the LM metrics read."""
+        logits, labels, nll = token_nll(model, batch)
         mask = labels != IGNORE_INDEX
         counts = mask.sum(1)
         total = counts.sum()
@@ -293,7 +343,33 @@ class CausalLM(Task):
         return StepOutput(loss, preds, counts)
 
     def metrics(self, num_classes: int = 0) -> MetricCollection:
+        return self.lm_metrics()
+
+    def lm_metrics(self) -> MetricCollection:
         return MetricCollection({"perplexity": ResponsePerplexity(), "token_acc": ResponseTokenAccuracy()})
+
+    @torch.no_grad()
+    def score(
+        self, model: nn.Module, prompts: list[str], continuations: list[str], add_eos: bool = False
+    ) -> list[tuple[float, int]]:
+        """(summed log-probability, token count) of each continuation given its prompt, in batches.
+
+        The log-likelihood multiple-choice evaluators rank options by; the model is used as it is
+        (call it in eval mode).
+        """
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts for {len(continuations)} continuations")
+        device = next(model.parameters()).device
+        out: list[tuple[float, int]] = []
+        for start in range(0, len(prompts), self.generate_batch_size):
+            rows = [
+                self.encode_pair(p, c, add_eos)
+                for p, c in zip(prompts[start : start + self.generate_batch_size], continuations[start : start + self.generate_batch_size])
+            ]
+            batch = {k: v.to(device) for k, v in self.pad(rows).items()}
+            logp, counts = sequence_logprobs(model, batch)
+            out.extend((float(a), int(b)) for a, b in zip(logp, counts))
+        return out
 
     # --- generative evaluation ---------------------------------------------------------------------
 
@@ -342,10 +418,8 @@ class CausalLM(Task):
         finally:
             model.train(was_training)
         refs = [str(e["response"]) for e in examples]
-        em = sum(normalize_text(g) == normalize_text(r) for g, r in zip(generations, refs)) / len(refs)
-        rouge = sum(rouge_l_f1(g, r) for g, r in zip(generations, refs)) / len(refs)
         samples = list(zip(prompts, generations, refs))[: self.num_samples]
-        return GenerationEval({"exact_match": float(em), "rougeL": float(rouge)}, samples)
+        return GenerationEval(overlap_metrics(generations, refs), samples)
 
 
 @hookimpl
