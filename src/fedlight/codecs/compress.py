@@ -22,8 +22,12 @@ from fedlight.core.state import State
 from fedlight.hookspecs import hookimpl
 
 ALGORITHMS = ("zlib", "lzma")
-#: refuse to inflate a payload beyond this (a decompression bomb), whatever its header claims
+#: without a reference state to bound it, refuse to inflate a payload beyond this (a decompression
+#: bomb); decoding against a reference bounds inflation by the inner codec's longest legitimate payload
 MAX_INFLATED_BYTES = 2**34
+#: memory liblzma needs to decode xz presets 0-9 (xz(1) manual), plus 1 MiB: a stream asking for more
+#: (a crafted dictionary size) is refused before it is allocated
+_LZMA_MEMLIMIT = [(m + 1) << 20 for m in (1, 2, 3, 5, 5, 9, 9, 17, 33, 65)]
 
 
 class CompressCodec(Codec):
@@ -79,7 +83,7 @@ class CompressCodec(Codec):
                 raw = z.decompress(packed, size + 1)
                 complete = z.eof and not z.unused_data and not z.unconsumed_tail
             else:
-                x = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+                x = lzma.LZMADecompressor(format=lzma.FORMAT_XZ, memlimit=_LZMA_MEMLIMIT[self.level])
                 raw = x.decompress(packed, size + 1)
                 complete = x.eof and not x.unused_data
         except (zlib.error, lzma.LZMAError, EOFError, ValueError, MemoryError) as err:
@@ -91,7 +95,7 @@ class CompressCodec(Codec):
             )
         return raw
 
-    def from_buffers(self, buffers: list[wire.Buffer], meta: dict[str, Any]) -> State:
+    def from_buffers(self, buffers: list[wire.Buffer], meta: dict[str, Any], reference: wire.Spec | None = None) -> State:
         for key, value in self.wire_params().items():
             if meta.get(key) != value:
                 raise wire.PayloadError(f"compress payload has {key}={meta.get(key)!r}, this codec is configured with {value!r}")
@@ -100,9 +104,13 @@ class CompressCodec(Codec):
         packed, size = buffers[0].tensor, buffers[1].tensor
         expect(packed, torch.uint8, None, "compressed stream")
         expect(size, torch.int64, (), "inflated size")
-        if packed.dim() != 1 or not 0 < int(size) <= MAX_INFLATED_BYTES:
-            raise wire.PayloadError(f"compress payload: stream of shape {tuple(packed.shape)} inflating to {int(size)} bytes is invalid")
-        return self.inner.decode(self._inflate(packed.numpy().tobytes(), int(size)))
+        limit = MAX_INFLATED_BYTES if reference is None else self.inner.max_payload_bytes(reference)
+        if packed.dim() != 1 or not 0 < int(size) <= limit:
+            raise wire.PayloadError(
+                f"compress payload: a stream of shape {tuple(packed.shape)} inflating to {int(size)} bytes is invalid "
+                f"(the inner {self.inner.name} payload of this state is at most {limit} bytes)"
+            )
+        return self.inner.decode(self._inflate(packed.numpy().tobytes(), int(size)), reference=reference)
 
 
 @hookimpl

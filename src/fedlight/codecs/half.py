@@ -53,7 +53,14 @@ class Fp16Codec(Codec):
             out += [wire.Buffer(f"{name}#h", data), wire.Buffer(f"{name}#e", torch.tensor(exponent, dtype=torch.int16))]
         return out
 
-    def from_buffers(self, buffers: list[wire.Buffer], meta: dict[str, Any]) -> State:
+    def layout(self, reference: wire.Spec) -> list[wire.BufferSpec]:
+        return [
+            b
+            for k, s in reference.items()
+            for b in (wire.BufferSpec(f"{k}#h", torch.float16, s.shape), wire.BufferSpec(f"{k}#e", torch.int16, ()))
+        ]
+
+    def from_buffers(self, buffers: list[wire.Buffer], meta: dict[str, Any], reference: wire.Spec | None = None) -> State:
         if len(buffers) % 2:
             raise wire.PayloadError(f"fp16 payload has {len(buffers)} buffers; expected a (data, exponent) pair per tensor")
         state: State = {}
@@ -86,7 +93,10 @@ class Bf16Codec(Codec):
     def to_buffers(self, state: State) -> list[wire.Buffer]:
         return [wire.Buffer(name, value.detach().to("cpu").float().to(torch.bfloat16)) for name, value in state.items()]
 
-    def from_buffers(self, buffers: list[wire.Buffer], meta: dict[str, Any]) -> State:
+    def layout(self, reference: wire.Spec) -> list[wire.BufferSpec]:
+        return [wire.BufferSpec(k, torch.bfloat16, s.shape) for k, s in reference.items()]
+
+    def from_buffers(self, buffers: list[wire.Buffer], meta: dict[str, Any], reference: wire.Spec | None = None) -> State:
         state: State = {}
         for buf in buffers:
             if buf.name in state:

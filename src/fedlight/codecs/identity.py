@@ -20,7 +20,13 @@ class IdentityCodec(Codec):
     def to_buffers(self, state: State) -> list[wire.Buffer]:
         return [wire.Buffer(k, v.detach().to(torch.float32)) for k, v in state.items()]
 
-    def from_buffers(self, buffers: list[wire.Buffer], meta: dict[str, Any]) -> State:
+    def layout(self, reference: wire.Spec) -> list[wire.BufferSpec]:
+        return [wire.BufferSpec(k, torch.float32, s.shape) for k, s in reference.items()]
+
+    def from_buffers(self, buffers: list[wire.Buffer], meta: dict[str, Any], reference: wire.Spec | None = None) -> State:
+        for b in buffers:
+            if b.tensor.dtype != torch.float32:
+                raise wire.PayloadError(f"identity payload: {b.name!r} has dtype {b.tensor.dtype}, not float32")
         return {b.name: b.tensor for b in buffers}
 
 

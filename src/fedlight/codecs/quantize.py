@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 
 from fedlight.codecs import wire
-from fedlight.codecs.base import Codec
+from fedlight.codecs.base import Codec, expected_spec
 from fedlight.core.state import State
 from fedlight.hookspecs import hookimpl
 
@@ -62,18 +62,25 @@ def shape_tensor(shape: torch.Size) -> torch.Tensor:
     return torch.tensor(list(shape), dtype=torch.int64)
 
 
-def read_shape(t: torch.Tensor, what: str) -> tuple[tuple[int, ...], int]:
-    """A shape sent as an int64 vector, checked: returns (shape, numel)."""
+def shape_spec(name: str, shape: tuple[int, ...]) -> wire.BufferSpec:
+    """The layout entry of the int64 vector a tensor's shape travels as."""
+    return wire.BufferSpec(f"{name}#shape", torch.int64, (len(shape),))
+
+
+def read_shape(t: torch.Tensor, what: str, expected: wire.TensorSpec | None = None) -> tuple[tuple[int, ...], int]:
+    """A shape sent as an int64 vector, checked (against ``expected`` when known) before anything is
+    allocated from it: returns (shape, numel)."""
     expect(t, torch.int64, None, what)
-    if t.dim() != 1 or t.numel() > 32:
-        raise wire.PayloadError(f"{what}: a shape must be an int64 vector of at most 32 dims, got shape {tuple(t.shape)}")
+    if t.dim() != 1 or t.numel() > wire.MAX_RANK:
+        raise wire.PayloadError(f"{what}: a shape must be an int64 vector of at most {wire.MAX_RANK} dims, got shape {tuple(t.shape)}")
     shape = tuple(int(s) for s in t.tolist())
+    if expected is not None and shape != expected.shape:
+        raise wire.PayloadError(f"{what}: {shape} where the global state has {expected.shape}")
     if any(s < 0 for s in shape):
         raise wire.PayloadError(f"{what}: negative dimension in {shape}")
-    numel = math.prod(shape)
-    if numel > 2**48:
-        raise wire.PayloadError(f"{what}: {shape} has {numel} elements, more than any update (corrupt payload)")
-    return shape, numel
+    if math.prod(max(s, 1) for s in shape) > wire.MAX_NUMEL:  # a zero dimension must not hide the others
+        raise wire.PayloadError(f"{what}: {shape} has more elements than any update (corrupt payload)")
+    return shape, math.prod(shape)
 
 
 def check_params(meta: dict[str, Any], expected: dict[str, Any], codec: str) -> None:
@@ -230,7 +237,17 @@ class Int8Codec(_LinearQuantizer):
             out += [wire.Buffer(f"{name}#q", codes), wire.Buffer(f"{name}#s", scales)]
         return out
 
-    def from_buffers(self, buffers: list[wire.Buffer], meta: dict[str, Any]) -> State:
+    def layout(self, reference: wire.Spec) -> list[wire.BufferSpec]:
+        return [
+            b
+            for k, s in reference.items()
+            for b in (
+                wire.BufferSpec(f"{k}#q", torch.int8, s.shape),
+                wire.BufferSpec(f"{k}#s", torch.float32, (num_scales(s.shape, self.granularity, self.block_size),)),
+            )
+        ]
+
+    def from_buffers(self, buffers: list[wire.Buffer], meta: dict[str, Any], reference: wire.Spec | None = None) -> State:
         check_params(meta, self.wire_params(), self.name)
         state: State = {}
         for name, parts in group_buffers(buffers, ("q", "s"), self.name).items():
@@ -275,11 +292,22 @@ class Int4Codec(_LinearQuantizer):
             ]
         return out
 
-    def from_buffers(self, buffers: list[wire.Buffer], meta: dict[str, Any]) -> State:
+    def layout(self, reference: wire.Spec) -> list[wire.BufferSpec]:
+        return [
+            b
+            for k, s in reference.items()
+            for b in (
+                wire.BufferSpec(f"{k}#q", torch.uint8, ((s.numel + 1) // 2,)),
+                wire.BufferSpec(f"{k}#s", torch.float32, (num_scales(s.shape, self.granularity, self.block_size),)),
+                shape_spec(k, s.shape),
+            )
+        ]
+
+    def from_buffers(self, buffers: list[wire.Buffer], meta: dict[str, Any], reference: wire.Spec | None = None) -> State:
         check_params(meta, self.wire_params(), self.name)
         state: State = {}
         for name, parts in group_buffers(buffers, ("q", "s", "shape"), self.name).items():
-            shape, numel = read_shape(parts["shape"], f"{name} shape")
+            shape, numel = read_shape(parts["shape"], f"{name} shape", expected_spec(reference, name, self.name))
             expect(parts["q"], torch.uint8, ((numel + 1) // 2,), f"{name} packed codes")
             self._check_scales(parts["s"], shape, name)
             codes = unpack_nibbles(parts["q"], numel, name).reshape(shape)

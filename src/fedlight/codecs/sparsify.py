@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from fedlight.codecs import wire
-from fedlight.codecs.base import Codec
-from fedlight.codecs.quantize import derived_generator, expect, group_buffers, read_shape, shape_tensor
+from fedlight.codecs.base import Codec, expected_spec
+from fedlight.codecs.quantize import derived_generator, expect, group_buffers, read_shape, shape_spec, shape_tensor
 from fedlight.core.state import State
 from fedlight.hookspecs import hookimpl
 
@@ -60,12 +60,23 @@ class _Sparsifier(Codec):
             ]
         return out
 
-    def from_buffers(self, buffers: list[wire.Buffer], meta: dict[str, Any]) -> State:
+    def layout(self, reference: wire.Spec) -> list[wire.BufferSpec]:
+        out: list[wire.BufferSpec] = []
+        for k, s in reference.items():
+            kept = (self.num_kept(s.numel),)
+            out += [
+                wire.BufferSpec(f"{k}#i", index_dtype(s.numel), kept),
+                wire.BufferSpec(f"{k}#v", torch.float32, kept),
+                shape_spec(k, s.shape),
+            ]
+        return out
+
+    def from_buffers(self, buffers: list[wire.Buffer], meta: dict[str, Any], reference: wire.Spec | None = None) -> State:
         if meta.get("density") != self.density:
             raise wire.PayloadError(f"{self.name} payload has density={meta.get('density')!r}, this codec is configured with {self.density!r}")
         state: State = {}
         for name, parts in group_buffers(buffers, ("i", "v", "shape"), self.name).items():
-            shape, numel = read_shape(parts["shape"], f"{name} shape")
+            shape, numel = read_shape(parts["shape"], f"{name} shape", expected_spec(reference, name, self.name))
             k = self.num_kept(numel)
             expect(parts["i"], index_dtype(numel), (k,), f"{name} indices")
             expect(parts["v"], torch.float32, (k,), f"{name} values")
