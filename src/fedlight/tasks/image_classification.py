@@ -29,12 +29,16 @@ def load_state_file(path) -> dict[str, torch.Tensor]:
 
 
 class ImageClassification(Task):
-    """Image classification with any timm model, random-initialised or from a local checkpoint.
+    """Image classification with any timm model: random-initialised, pretrained from a pip package, or a local checkpoint.
 
     ``model`` is a timm architecture name (``timm.list_models()``), built with ``pretrained=False``
-    so nothing is downloaded; ``checkpoint_path`` loads local weights (safetensors or a torch state
-    dict) except a classifier whose shape differs. Images are resized to ``image_size`` and grey
-    images are repeated to ``in_chans`` channels.
+    so nothing is downloaded. ``weights: package:<name>`` loads pretrained weights shipped in a pip
+    package (converted and verified once into the user cache, see :mod:`fedlight.models.vision`);
+    ``checkpoint_path`` loads local weights (safetensors or a torch state dict). Either way a
+    classifier whose shape differs is re-initialised and a ViT position grid is resampled to
+    ``image_size``. Images are resized to ``image_size`` and grey images repeated to ``in_chans``
+    channels; ``normalize`` (default: on with ``weights``) applies the backbone's timm data-config
+    mean/std, with its interpolation for resizing.
     """
 
     name = "image_classification"
@@ -48,17 +52,42 @@ class ImageClassification(Task):
         image_size: int | None = None,
         in_chans: int = 3,
         model_kwargs: dict[str, Any] | None = None,
+        weights: str | None = None,
+        normalize: bool | None = None,
     ) -> None:
         import timm
 
         if not timm.is_model(model):
             close = timm.list_models(f"*{model.split('_')[0]}*")[:10]
             raise ValueError(f"unknown timm model {model!r}; similar names: {close}")
+        if weights and checkpoint_path:
+            raise ValueError("model.task: give either weights (package:...) or checkpoint_path, not both")
         self.model_name = model
         self.checkpoint_path = resolve_local_path(checkpoint_path) if checkpoint_path else None
         self.image_size = image_size
         self.in_chans = in_chans
         self.model_kwargs = dict(model_kwargs or {})
+        self.weights = weights
+        if weights:
+            from fedlight.models.vision import get_source
+
+            source = get_source(weights, model)  # unknown source / wrong architecture: fail now
+            source.package_dir()  # package missing: fail now, with the install command
+            if in_chans != 3:
+                raise ValueError(f"weights {weights!r} are RGB: in_chans must be 3 (grey images are repeated)")
+        cfg = timm.get_pretrained_cfg(model)
+        patch = None
+        if image_size is not None and "img_size" not in self.model_kwargs and cfg is not None and cfg.fixed_input_size:
+            # fixed-size models (ViTs) are built for the configured size; pretrained grids are resampled
+            self.model_kwargs["img_size"] = image_size
+            patch = self.model_kwargs.get("patch_size") or _patch_size(model)
+        if patch and image_size % patch:
+            raise ValueError(f"model.task.image_size ({image_size}) must be a multiple of {model}'s patch size {patch}")
+        self.normalize = bool(weights) if normalize is None else normalize
+        data_cfg = cfg.to_dict() if cfg is not None else {}
+        self.mean = tuple(data_cfg.get("mean") or (0.485, 0.456, 0.406))
+        self.std = tuple(data_cfg.get("std") or (0.229, 0.224, 0.225))
+        self.interpolation = data_cfg.get("interpolation", "bilinear") if self.normalize else "bilinear"
 
     def build_model(self, num_classes: int) -> nn.Module:
         import timm
@@ -66,16 +95,25 @@ class ImageClassification(Task):
         model = timm.create_model(
             self.model_name, pretrained=False, num_classes=num_classes, in_chans=self.in_chans, **self.model_kwargs
         )
-        if self.checkpoint_path is not None:
-            own = model.state_dict()
+        loaded = None
+        if self.weights:
+            from fedlight.models.vision import pretrained_state
+
+            loaded = pretrained_state(self.weights, self.model_name)
+        elif self.checkpoint_path is not None:
             loaded = load_state_file(self.checkpoint_path)
+        if loaded is not None:
+            from fedlight.models.vision import adapt_state
+
+            own = model.state_dict()
+            loaded = adapt_state(model, loaded)
             usable = {k: v for k, v in loaded.items() if k in own and own[k].shape == v.shape}
             missing = [k for k in own if k not in usable]
             head = self.head_modules(model)
             not_head = [k for k in missing if not any(k.startswith(h + ".") for h in head)]
             if not_head:
                 raise ValueError(
-                    f"checkpoint {self.checkpoint_path} does not fit {self.model_name}: "
+                    f"checkpoint {self.weights or self.checkpoint_path} does not fit {self.model_name}: "
                     f"{len(not_head)} backbone tensors missing or mis-shaped, e.g. {not_head[:5]}"
                 )
             model.load_state_dict(usable, strict=False)
@@ -92,7 +130,15 @@ class ImageClassification(Task):
         if images.shape[1] == 1 and self.in_chans != 1:
             images = images.expand(-1, self.in_chans, -1, -1)
         if self.image_size is not None and images.shape[-1] != self.image_size:
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+            mode = "bicubic" if self.interpolation == "bicubic" else "bilinear"
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode=mode, align_corners=False)
+            if mode == "bicubic":
+                images = images.clamp(0.0, 1.0)  # bicubic overshoots; inputs are [0, 1] images
+        if self.normalize:
+            channels = images.shape[1]
+            mean = torch.tensor(self.mean[:channels]).view(1, -1, 1, 1)
+            std = torch.tensor(self.std[:channels]).view(1, -1, 1, 1)
+            images = (images - mean) / std
         return {"images": images.contiguous(), "labels": torch.tensor([int(e["label"]) for e in examples])}
 
     def step(self, model: nn.Module, batch: dict[str, Any]) -> StepOutput:
@@ -101,6 +147,14 @@ class ImageClassification(Task):
 
     def metrics(self, num_classes: int) -> MetricCollection:
         return classification_metrics(num_classes)
+
+
+def _patch_size(model: str) -> int | None:
+    """Patch size from a timm ViT name (``..._patch14_...``), or None."""
+    import re
+
+    match = re.search(r"patch(\d+)", model)
+    return int(match.group(1)) if match else None
 
 
 @hookimpl
