@@ -23,6 +23,21 @@ class Aggregator(Plugin):
     needs_lora: ClassVar[bool] = False
     #: True when :meth:`aggregate_with_base` may also change frozen base weights (FedEx-LoRA, FLoRA)
     merges_into_base: ClassVar[bool] = False
+    #: True when the aggregator needs only the mean of the deltas (not each update), so it can run on a
+    #: secure sum (``core.compat``); such an aggregator has a ``weighting`` attribute
+    sum_based: ClassVar[bool] = False
+    #: True when clients train a restricted view of the global state (:meth:`client_view` overridden,
+    #: e.g. per-client LoRA ranks)
+    per_client_views: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "per_client_views" not in cls.__dict__ and cls.client_view is not Aggregator.client_view:
+            cls.per_client_views = True  # declared by overriding client_view
+
+    def uniform_mean(self) -> bool:
+        """True when the new global state is the old one plus the *unweighted* mean of the deltas."""
+        return False
 
     def aggregate(self, global_state: State, updates: list[DecodedUpdate]) -> State:
         raise NotImplementedError

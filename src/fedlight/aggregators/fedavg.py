@@ -16,9 +16,13 @@ class FedAvg(Aggregator):
     """
 
     name = "fedavg"
+    sum_based = True
 
     def __init__(self, weighting: str = "examples") -> None:
         self.weighting = check_weighting(weighting, "fedavg")
+
+    def uniform_mean(self) -> bool:
+        return self.weighting == "uniform"
 
     def aggregate(self, global_state: State, updates: list[DecodedUpdate]) -> State:
         return add(global_state, weighted_mean_delta(updates, self.weighting, "fedavg"))

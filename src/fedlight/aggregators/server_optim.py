@@ -33,6 +33,7 @@ class ServerOptimizer(Aggregator):
     """
 
     moment_names: tuple[str, ...] = ()
+    sum_based = True  # the pseudo-gradient is the mean delta: runs on a secure sum
 
     def __init__(self, server_lr: float, weighting: str) -> None:
         if not server_lr > 0:

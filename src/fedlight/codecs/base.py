@@ -46,6 +46,9 @@ class Codec(Plugin):
     """
 
     max_rel_error: ClassVar[float] = 0.0
+    #: True when the codec sends fp32 tensors as they are (nothing lost or compressed), so a protocol
+    #: that bypasses codecs (secure aggregation's masked ring vectors) loses nothing (``core.compat``)
+    passthrough: ClassVar[bool] = False
     #: whether this class's ``from_buffers`` takes the ``reference`` argument (set per subclass)
     _takes_reference: ClassVar[bool] = False
 

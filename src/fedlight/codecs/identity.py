@@ -16,6 +16,7 @@ class IdentityCodec(Codec):
     """Lossless fp32: the reference every other codec is measured against."""
 
     name = "identity"
+    passthrough = True
 
     def to_buffers(self, state: State) -> list[wire.Buffer]:
         return [wire.Buffer(k, v.detach().to(torch.float32)) for k, v in state.items()]

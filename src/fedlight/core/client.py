@@ -6,6 +6,8 @@ Engine-independent: it knows nothing about Lightning's loop or Flower; it only m
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from fedlight.codecs.base import Codec
@@ -24,6 +26,11 @@ class ClientPipeline:
         self.uplink = uplink
         self.downlink = downlink
         self.privacy = privacy
+        #: why the last :meth:`finish` sent nothing (None: it sent, or the round as a whole failed)
+        self.refusal: str | None = None
+
+    def begin_round(self, engine: Any, round: Any) -> None:
+        """Round start (the engine and its ``RoundState``); the plain pipeline has nothing to set up."""
 
     def receive(self, payload: bytes) -> State:
         """Decode the broadcast: this, not the server's copy, is what the client starts from."""

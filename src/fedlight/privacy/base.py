@@ -48,6 +48,9 @@ class Privacy(Plugin):
     requires_uniform_mean: ClassVar[bool] = False
     #: acts inside local training (per-example): the module calls :meth:`private_step` for every batch
     per_sample: ClassVar[bool] = False
+    #: False only for a mechanism that changes nothing (``none``): extra tensors a client method sends
+    #: in the clear are then no weaker than the update itself (``core.compat``)
+    protects_updates: ClassVar[bool] = True
     #: how each step's batch must be drawn for the accounting to hold: ``shuffle`` (passes over a
     #: reshuffled client dataset) or ``subsample`` (every step an independent uniform subset of
     #: ``batch_size`` examples without replacement, what ``SampledWithoutReplacementDpEvent`` assumes)

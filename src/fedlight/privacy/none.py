@@ -10,6 +10,7 @@ class NoPrivacy(Privacy):
     """No differential privacy: updates pass unchanged and no epsilon is reported."""
 
     name = "none"
+    protects_updates = False
 
 
 @hookimpl

@@ -1,0 +1,94 @@
+"""Which plugins may be combined, decided from the capabilities their classes declare.
+
+One module for every cross-plugin rule, called by every engine before round 1 (the Lightning
+callback and the Flower bridge), so a rule is written once and a third-party plugin that declares
+the same capability as a built-in is treated exactly like it. No rule here names a plugin.
+
+Capabilities read here (class attributes or methods of the plugin kinds):
+
+* aggregators: ``sum_based`` (needs only the mean delta, so it can run on a secure sum),
+  ``uniform_mean()`` (the new global state is the old one plus the unweighted mean delta),
+  ``per_client_views`` (each client trains a restricted view, e.g. per-client LoRA ranks),
+  ``merges_into_base``;
+* codecs: ``passthrough`` (encodes tensors as they are: nothing to compress or lose);
+* privacy: ``requires_uniform_mean``, ``protects_updates``, ``per_sample``, ``secure_aggregation_problem()``;
+* client methods: ``sends_extra``, ``respects_client_views``;
+* round features: ``acts_in_local_training``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Composition:
+    """The plugins and options of one run that the rules look at."""
+
+    aggregator: Any
+    privacy: Any
+    uplink_codec: Any
+    client_method: Any = None
+    secure_aggregation: Any = None
+    max_update_norm: float | None = None
+    clients_per_round: int = 1
+    client_sampling: str = "uniform"
+    features: tuple[Any, ...] = field(default=())
+
+
+def check(c: Composition) -> None:
+    """Raise ValueError, naming the option to change, for a combination that cannot be sound."""
+    aggregator, privacy, method = c.aggregator, c.privacy, c.client_method
+    if privacy.requires_uniform_mean and not aggregator.uniform_mean():
+        raise ValueError(
+            f"federation.privacy {privacy.name!r} calibrates its noise to an unweighted mean of clipped updates: "
+            "use federation.aggregator: {class_path: fedavg, init_args: {weighting: uniform}}"
+        )
+    if method is not None and method.sends_extra and privacy.protects_updates:
+        raise ValueError(
+            f"federation.client_method {method.name!r} sends extra tensors that federation.privacy "
+            f"{privacy.name!r} does not protect; use privacy: none or another client_method"
+        )
+    if method is not None and not method.respects_client_views and aggregator.per_client_views:
+        raise ValueError(
+            f"federation.client_method {method.name!r} cannot be combined with federation.aggregator "
+            f"{aggregator.name!r}, whose clients train a restricted view of the global state (per-client ranks); "
+            "use fedprox or another aggregator"
+        )
+    if c.secure_aggregation is not None:
+        check_secure(c)
+
+
+def check_secure(c: Composition) -> None:
+    """The composition matrix of secure aggregation (docs/privacy.md)."""
+    where = "federation.secure_aggregation"
+    aggregator, privacy, method = c.aggregator, c.privacy, c.client_method
+    if not aggregator.sum_based:
+        raise ValueError(
+            f"{where}: aggregator {aggregator.name!r} needs every individual update, which the server never sees "
+            "under secure aggregation (robust aggregation cannot run on a masked sum); use a mean-based aggregator "
+            "(fedavg, fedavgm, fedadam, fedyogi, fedadagrad), or drop secure_aggregation"
+        )
+    if getattr(aggregator, "weighting", "uniform") != "uniform":
+        raise ValueError(f"{where}: the secure sum is an unweighted sum; set the aggregator's weighting: uniform")
+    if c.max_update_norm is not None:
+        raise ValueError(
+            f"{where}: federation.max_update_norm checks each update on the server, which only sees the masked sum; "
+            "set it to null (bound updates on the client with a clipping privacy plugin such as dp_fedavg)"
+        )
+    if not c.uplink_codec.passthrough:
+        raise ValueError(
+            f"{where}: uplink_codec {c.uplink_codec.name!r} cannot compress masked ring elements; "
+            "use uplink_codec: identity"
+        )
+    problem = privacy.secure_aggregation_problem()
+    if problem:
+        raise ValueError(f"{where}: federation.privacy {privacy.name!r} {problem}")
+    if method is not None and method.sends_extra:
+        raise ValueError(
+            f"{where}: client_method {method.name!r} sends extra per-client tensors in the clear; "
+            "they would bypass secure aggregation"
+        )
+    if c.clients_per_round < 2:
+        raise ValueError(f"{where}: needs clients_per_round >= 2 (the sum of one client is its update)")

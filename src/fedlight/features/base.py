@@ -1,0 +1,95 @@
+"""The round-feature kind: behaviour that joins every round at fixed points, with its own state.
+
+A feature is how fedlight grows without growing the engine: attacks, client methods, merging into
+the base, personalised evaluation and the privacy-budget stop are each one module of
+``fedlight.features``; a third-party feature is one class registered through the
+``fedlight_round_features`` hook and listed in ``federation.features``. The engine
+(:class:`fedlight.core.engine.RoundEngine`) calls, in order of the feature list:
+
+=================  ==============================================================================
+``bind``           once, after the population is known (before round 1)
+``attach``         once, when the model exists (fresh run or resumed)
+``on_round_start`` after the round is planned and the global state broadcast (add payloads, bytes)
+``on_client_start`` after the client's start state is loaded into the model
+``on_batch``       before each local forward pass (the batch may be changed in place)
+``on_gradients``   after each local backward pass, before the optimizer step
+``hold_update``    when a client finishes: True keeps its update back (sent later by the feature)
+``on_client_end``  after a client's update was sent
+``before_aggregate`` before the server pipeline runs (late sends)
+``on_aggregated``  after the server pipeline (``changed``: the global model moves this round)
+``round_metrics``  values for the round's row in rounds.csv
+``stop_reason``    after each round: a reason to stop the run, or None
+=================  ==============================================================================
+
+State: ``state_dict`` / ``load_state_dict`` under the feature's own ``key`` in the round checkpoint.
+A checkpoint written before the feature existed resumes with ``empty_state()``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from fedlight.core.plugin_base import Plugin
+from fedlight.core.state import State
+
+if TYPE_CHECKING:
+    from fedlight.core.engine import ClientRun, RoundEngine, RoundState
+    from fedlight.core.server import AggregationReport
+
+
+class RoundFeature(Plugin):
+    """Base class: a feature that does nothing at any point (override the points you need)."""
+
+    #: checkpoint key of this feature's state (defaults to its name)
+    key: ClassVar[str] = ""
+    #: True when the feature acts inside local training (batches or gradients): an engine that does
+    #: not run Lightning's step loop must call ``on_batch`` / ``on_gradients`` itself
+    acts_in_local_training: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.__dict__.get("key"):
+            cls.key = cls.name
+
+    def bind(self, engine: RoundEngine) -> None:
+        """The population is known (``engine.population``, ``engine.data``)."""
+
+    def attach(self, engine: RoundEngine) -> None:
+        """The model exists (``engine.module``); raise ValueError if the feature cannot work with it."""
+
+    def on_round_start(self, engine: RoundEngine, round: RoundState) -> None:
+        """The round is planned and the global state encoded (``round.payload``)."""
+
+    def on_client_start(self, engine: RoundEngine, client: ClientRun) -> None:
+        """A client starts local training from ``client.start``."""
+
+    def on_batch(self, engine: RoundEngine, client: ClientRun, batch: dict[str, Any]) -> None:
+        """A local batch, before the forward pass."""
+
+    def on_gradients(self, engine: RoundEngine, client: ClientRun, lr: float) -> None:
+        """Gradients of a local step are in the model's ``.grad``; the optimizer (learning rate ``lr``) steps next."""
+
+    def hold_update(self, engine: RoundEngine, client: ClientRun, trained: State) -> bool:
+        """True to keep the client's update back (the feature sends it later with ``engine.send``)."""
+        return False
+
+    def on_client_end(self, engine: RoundEngine, client: ClientRun, trained: State) -> None:
+        """The client's update was sent."""
+
+    def before_aggregate(self, engine: RoundEngine, round: RoundState) -> None:
+        """Every client is done; the server pipeline runs next."""
+
+    def on_aggregated(self, engine: RoundEngine, round: RoundState, report: AggregationReport, changed: bool) -> None:
+        """The server pipeline ran; ``changed``: the new global state replaces the old one."""
+
+    def round_metrics(self, engine: RoundEngine, round: RoundState) -> dict[str, float]:
+        """Values for this round's row in rounds.csv."""
+        return {}
+
+    def stop_reason(self, engine: RoundEngine) -> str | None:
+        """A reason to stop the run after this round, or None."""
+        return None
+
+    def empty_state(self) -> dict[str, Any]:
+        """The state of a run that never had this feature (resuming an older checkpoint)."""
+        return {}
