@@ -50,11 +50,13 @@ def clip_state(state: dict[str, torch.Tensor], clip_norm: float) -> tuple[State,
     if norm <= clip_norm:
         return {k: v.detach().clone() for k, v in state.items()}, norm
     factor = clip_norm / norm
+    # shrink by a few units of the coarsest dtype's rounding (bf16: 2^-7; fp32: 2^-23), not more
+    step = max((torch.finfo(v.dtype).eps for v in state.values() if v.is_floating_point()), default=2**-7)
     for _ in range(64):
         out = {k: (v.detach().double() * factor).to(v.dtype) for k, v in state.items()}
         if state_norm(out) <= clip_norm:
             return out, norm
-        factor *= 1 - 2**-7  # coarser than the worst dtype rounding (bf16 has 8 bits of precision)
+        factor *= 1 - 2 * step
     raise RuntimeError("could not clip the update below the bound")  # unreachable for finite input
 
 
