@@ -43,6 +43,8 @@ def shrink(cfg: dict, tmp_path: Path, tiny_bert_dir: Path, tiny_gpt2_dir: Path) 
         dataset.setdefault("init_args", {})["max_per_class"] = 10
     if _class_name(dataset) == "chatterbot_dialogue":
         dataset.setdefault("init_args", {})["max_pairs"] = 40
+    if _class_name(dataset) == "fashion_mnist":
+        dataset.setdefault("init_args", {}).update(max_train=40, max_val=20)
     return cfg
 
 

@@ -6,6 +6,7 @@ import gzip
 import os
 import struct
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -35,8 +36,10 @@ def read_idx(path: Path) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {data[:4].hex()})")
     ndim = data[3]
-    dims = struct.unpack_from(f">{ndim}I", data, 4)
     offset = 4 + 4 * ndim
+    if len(data) < offset:
+        raise ValueError(f"{path}: header says {ndim} dimensions but the file ends after {len(data)} bytes")
+    dims = struct.unpack_from(f">{ndim}I", data, 4)
     expected = int(np.prod(dims)) if dims else 0
     if len(data) - offset != expected:
         raise ValueError(f"{path}: header says {dims} ({expected} bytes) but {len(data) - offset} bytes follow")
@@ -81,7 +84,7 @@ class FashionMNIST(Dataset):
     """
 
     name = "fashion_mnist"
-    example_args = {"max_train": 200, "max_val": 100}
+    example_args: ClassVar[dict[str, Any]] = {"max_train": 200, "max_val": 100}
 
     def __init__(
         self,

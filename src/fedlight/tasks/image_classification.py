@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +43,7 @@ class ImageClassification(Task):
 
     name = "image_classification"
     family = "timm"
-    example_args = {"model": "vit_tiny_patch16_224", "image_size": 16, "model_kwargs": {"patch_size": 8, "depth": 2}}
+    example_args: ClassVar[dict[str, Any]] = {"model": "vit_tiny_patch16_224", "image_size": 16, "model_kwargs": {"patch_size": 8, "depth": 2}}
 
     def __init__(
         self,
