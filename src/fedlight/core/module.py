@@ -77,6 +77,7 @@ class FederatedModule(pl.LightningModule):
         try:
             model = self.task.build_model(num_classes)
             self.model = self.peft.apply(model, self.task.family, self.task.head_modules(model))
+            self.task.check_model(self.model)
         except (ValueError, FileNotFoundError) as err:
             raise ConfigError(f"model ({self.task.name} + {self.peft.name}): {err}") from err
         self.train()  # from_pretrained returns eval mode; clients train with dropout on

@@ -1,4 +1,5 @@
-"""User data from local JSONL or CSV files: classification (text, label) or generation (prompt, response)."""
+"""User data from local JSONL or CSV files: classification (text, label), generation (prompt, response) or
+preferences (prompt, chosen, rejected)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ from typing import Any, Literal
 from fedlight.data.base import Dataset, DatasetSplits, split_train_val
 from fedlight.hookspecs import hookimpl
 
-SCHEMAS = {"classification": ("text", "label"), "generation": ("prompt", "response")}
+SCHEMAS = {
+    "classification": ("text", "label"),
+    "preference": ("prompt", "chosen", "rejected"),
+    "generation": ("prompt", "response"),
+}
 GROUP_COLUMN = "group"
 
 
@@ -55,7 +60,8 @@ def detect_schema(rows: list[dict[str, Any]], name: str) -> str:
             return schema
     raise ValueError(
         f"files: {name} has columns {sorted(columns)}; expected 'text' and 'label' (classification) "
-        f"or 'prompt' and 'response' (generation), plus an optional 'group'"
+        f"or 'prompt' and 'response' (generation) or 'prompt', 'chosen' and 'rejected' (preferences), "
+        "plus an optional 'group'"
     )
 
 
@@ -72,8 +78,10 @@ class Files(Dataset):
     ``path`` holds the training rows (or all rows, split by a seeded ``val_fraction``); ``val_path``
     optionally holds the validation rows. Columns ``text,label`` make a classification dataset
     (labels, strings or numbers, are mapped to ids in sorted order: numbers numerically); columns
-    ``prompt,response`` make a generation dataset. An optional ``group`` column is a natural client
-    id (e.g. a user or site) for natural-id partitioning. ``format: auto`` goes by the file suffix.
+    ``prompt,response`` make a generation dataset, ``prompt,chosen,rejected`` a preference dataset
+    (the ``dpo`` task). An optional ``group`` column is a natural client id (e.g. a user or site) for
+    natural-id partitioning. ``metadata`` lists extra columns (e.g. ``[task, source]``) kept in every
+    example for the ``metadata`` partitioner. ``format: auto`` goes by the file suffix.
     """
 
     name = "files"
@@ -85,6 +93,7 @@ class Files(Dataset):
         val_fraction: float = 0.2,
         format: Literal["auto", "jsonl", "csv"] = "auto",
         seed: int = 0,
+        metadata: list[str] | None = None,
     ) -> None:
         if val_path is None and not 0.0 < val_fraction < 1.0:
             raise ValueError(f"files.val_fraction must be in (0, 1), got {val_fraction}")
@@ -95,6 +104,7 @@ class Files(Dataset):
         self.val_fraction = val_fraction
         self.format = format
         self.seed = seed
+        self.metadata = list(metadata or [])
 
     def _check(self, rows: list[dict[str, Any]], schema: str, name: str) -> None:
         for i, row in enumerate(rows, 1):
@@ -102,6 +112,9 @@ class Files(Dataset):
                 value = row.get(column)
                 if value is None or (column in ("text", "label", "prompt") and str(value).strip() == ""):
                     raise ValueError(f"files: {name} row {i} has no value in column {column!r}")
+            for column in self.metadata:
+                if row.get(column) in (None, ""):
+                    raise ValueError(f"files: {name} row {i} has no value in metadata column {column!r}")
 
     def load(self) -> DatasetSplits:
         rows = read_rows(self.path, self.format, "path")
@@ -128,9 +141,13 @@ class Files(Dataset):
             def convert(r: dict[str, Any]) -> dict[str, Any]:
                 return {"text": str(r["text"]), "label": ids[str(r["label"])]}
         else:
+            columns = SCHEMAS[schema]
 
             def convert(r: dict[str, Any]) -> dict[str, Any]:
-                return {"prompt": str(r["prompt"]), "response": str(r["response"])}
+                return {c: str(r[c]) for c in columns}
+
+        def example(r: dict[str, Any]) -> dict[str, Any]:
+            return {**convert(r), **{c: str(r[c]) for c in self.metadata}}
 
         groups = None
         if any(GROUP_COLUMN in r for r in train_rows):
@@ -139,8 +156,8 @@ class Files(Dataset):
                 raise ValueError(f"files: the 'group' column is empty in {len(missing)} training rows (e.g. row {missing[0]})")
             groups = [str(r[GROUP_COLUMN]) for r in train_rows]
         return DatasetSplits(
-            train=[convert(r) for r in train_rows],
-            val=[convert(r) for r in val_rows],
+            train=[example(r) for r in train_rows],
+            val=[example(r) for r in val_rows],
             label_names=label_names,
             groups=groups,
         )

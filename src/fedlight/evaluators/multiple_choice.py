@@ -17,7 +17,7 @@ class MultipleChoice(Evaluator):
     """Multiple choice: the option with the highest log-likelihood given the question is the model's answer.
 
     Items are ``{"question", "choices": [...], "answer"}`` with ``answer`` a 0-based index, a letter
-    (``"B"``) or the text of the right choice. ``scoring: choice_text`` scores each option's text as
+    (``"B"``) or the text of the right choice (a choice's text is matched before a letter). ``scoring: choice_text`` scores each option's text as
     the continuation of ``question_template`` (the cloze form small models can do); ``scoring:
     letter`` lists the options as ``A. ...`` and scores the letters (the MMLU prompt). Metrics:
     ``acc`` (summed log-probability), ``acc_norm`` (divided by the option's length in characters,
@@ -56,10 +56,10 @@ class MultipleChoice(Evaluator):
         texts = [str(c) for c in choices]
         if isinstance(answer, int) and not isinstance(answer, bool):
             index = answer
+        elif isinstance(answer, str) and answer in texts:  # the text of a choice wins over a letter
+            index = texts.index(answer)
         elif isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().upper() in LETTERS:
             index = LETTERS.index(answer.strip().upper())
-        elif isinstance(answer, str) and answer in texts:
-            index = texts.index(answer)
         else:
             raise ValueError(f"{where}: 'answer' {answer!r} is not an index, a letter or one of the choices")
         if not 0 <= index < len(texts):

@@ -60,6 +60,10 @@ class Task(Plugin):
         """Generation-based metrics of the global model on validation examples; None when not generative."""
         return None
 
+    def check_model(self, model: nn.Module) -> None:
+        """Called once with the PEFT-ready model, before training: refuse a combination the task cannot run
+        (e.g. ``dpo`` needs an adapter it can disable for its reference model) with a ValueError."""
+
 
 def resolve_local_path(path: str) -> Path:
     """A local directory or file; ``package:NAME`` means the model directory a pip package ships.
