@@ -228,6 +228,14 @@ class FederatedRound(pl.Callback):
     def total_downlink(self) -> int:
         return sum(r["downlink_bytes"] for r in self.history)
 
+    def skips_round(self, accepted: int) -> bool:
+        """Too few accepted updates (``faults.min_clients``): the round leaves the global state unchanged.
+
+        Never under a Poisson-cohort privacy mechanism: it releases every round (an empty cohort is
+        noise only), and skipping would make the release depend on the data. Every engine calls this.
+        """
+        return accepted < self.faults.min_clients and self.privacy.cohort_sampling != "poisson"
+
     def plan_for(self, round_idx: int) -> RoundPlan:
         return plan_round(
             resolve_seed(self.seed),
@@ -488,8 +496,7 @@ class FederatedRound(pl.Callback):
         for client_id, reason in report.rejected.items():
             rank_zero_info(f"[fedlight] round {self.plan.round}: rejected update of client {client_id}: {reason}")
         self._round_report = report
-        # a Poisson-cohort mechanism releases every round (an empty one is noise only): never skipped
-        if len(report.accepted) < self.faults.min_clients and self.privacy.cohort_sampling != "poisson":
+        if self.skips_round(len(report.accepted)):
             message = (
                 f"round {self.plan.round}: {len(report.accepted)} accepted updates < federation.faults.min_clients "
                 f"({self.faults.min_clients})"
