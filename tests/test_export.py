@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import os
 import subprocess
@@ -11,9 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import TINY_VIT, run_fit, text_config, vision_config
+from safetensors.torch import load_file, save_file
+from torch import nn
+
 from fedlight.core.export import ADAPTER_JSON, TRAINABLE_FILE, export_adapter, load_adapter
 
 ONE_ROUND = {"rounds": 1, "clients_per_round": 2, "local_steps": 2, "checkpoint_every": 0}
@@ -24,7 +27,7 @@ def run_fresh(code: str, cwd: Path) -> str:
     """Run ``code`` in a new interpreter (nothing of this process's state leaks); fail on a non-zero exit."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", textwrap.dedent(code)], check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
@@ -187,3 +190,144 @@ def test_load_adapter_refuses_a_mismatched_base(tmp_path):
         load_adapter(model, tmp_path)
     with pytest.raises(FileNotFoundError):
         load_adapter(model, tmp_path / "missing")
+
+
+# --- merging aggregators: the adapter on the original base is the global model -------------------
+
+
+def test_round_exports_of_merging_and_plain_aggregators_load_the_readme_way(tiny_bert_dir, tmp_path):
+    """FedEx-LoRA / FLoRA change the frozen base; the exported adapter carries that change (fedavg: control).
+
+    Loaded in a fresh process exactly as the README says (plain peft on the original base), each
+    export gives the global model's logits; so do peft's ``merge_and_unload`` and the merged export.
+    """
+    fed = {"rounds": 2, "clients_per_round": 2, "local_steps": 3, "checkpoint_every": 0, "export_every": 2}
+    exports = {}
+    for aggregator in ("fedex_lora", "flora", "fedavg"):
+        run = tmp_path / aggregator
+        cfg = text_config(tiny_bert_dir, run, federation={**fed, "aggregator": aggregator, "export_merged": True})
+        module = run_fit(cfg, run).model
+        (out,) = list((run / "runs").rglob("adapters/round-0002"))
+        info = read_json(out)
+        merging = aggregator != "fedavg"
+        assert bool(module.kept_frozen) == merging and ("merged_base" in info) == merging
+        if merging:  # every merged layer is folded in, and only those
+            assert {f"base_model.model.{k}.base_layer.weight" for k in info["merged_base"]["layers"]} == module.kept_frozen
+        enc = module.task.tokenizer(SENTENCES, padding=True, return_tensors="pt")
+        inputs = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+        save_file({**inputs, "logits": _logits(module.model, **inputs)}, str(run / "expected.safetensors"))
+        exports[aggregator] = (str(out), str(run / "expected.safetensors"))
+    stdout = run_fresh(
+        f"""
+        import json, torch
+        from safetensors.torch import load_file
+        from transformers import AutoModelForSequenceClassification
+        from peft import PeftModel
+        for name, (out, expected) in {exports!r}.items():
+            d = load_file(expected)
+            inputs = {{k: d[k] for k in ("input_ids", "attention_mask", "token_type_ids")}}
+            info = json.load(open(out + "/fedlight_adapter.json"))
+            def base():
+                return AutoModelForSequenceClassification.from_pretrained(
+                    info["base"]["model_name_or_path"], num_labels=info["num_classes"], local_files_only=True)
+            with torch.no_grad():
+                adapter = PeftModel.from_pretrained(base(), out).eval()
+                got = adapter(**inputs).logits
+                folded = adapter.merge_and_unload()(**inputs).logits  # peft's own merge agrees
+                merged = AutoModelForSequenceClassification.from_pretrained(out + "/merged").eval()(**inputs).logits
+                original = base().eval()(**inputs).logits
+            for kind, value in (("adapter", got), ("merge_and_unload", folded), ("merged", merged)):
+                assert torch.allclose(value, d["logits"], atol=1e-5), (name, kind, (value - d["logits"]).abs().max())
+            print(name, (got - d["logits"]).abs().max().item(), (original - d["logits"]).abs().max().item())
+        """,
+        tmp_path,
+    )
+    for line in stdout.splitlines():
+        _, diff, untrained = line.split()
+        assert float(diff) <= 1e-5 < float(untrained), line  # the export is the global model, which is not the base
+    assert len(stdout.splitlines()) == 3
+
+
+def test_export_refuses_a_merged_module_without_its_base_change(tiny_bert_dir, tmp_path):
+    fed = {"rounds": 1, "clients_per_round": 2, "local_steps": 2, "checkpoint_every": 0, "aggregator": "fedex_lora"}
+    module = run_fit(text_config(tiny_bert_dir, tmp_path, federation=fed), tmp_path).model
+    assert module.kept_frozen
+    export_adapter(module, tmp_path / "found")  # the change is found on the trainer's federation callback
+    assert "merged_base" in read_json(tmp_path / "found")
+    module.trainer = None  # detached: nothing says how the base changed
+    with pytest.raises(ValueError, match="base_delta"):
+        export_adapter(module, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists() and not list(tmp_path.glob("refused*"))
+
+
+def read_json(out: Path) -> dict:
+    return json.loads((out / ADAPTER_JSON).read_text())
+
+
+def _fuzz_case(rng: torch.Generator, case: int):
+    """A random stack of LoRA-adapted layers (nn.Linear or GPT-2 Conv1D), ranks, scalings and base changes."""
+    from transformers.pytorch_utils import Conv1D
+
+    conv = case % 3 == 2
+    sizes = [int(torch.randint(1, 9, (1,), generator=rng)) for _ in range(4)]
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            make = (lambda i, o: Conv1D(o, i)) if conv else nn.Linear
+            self.layers = nn.ModuleList(make(i, o) for i, o in itertools.pairwise(sizes))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.tanh(layer(x))
+            return x
+
+    return Net, sizes, conv
+
+
+@pytest.mark.parametrize("case", range(24))
+def test_folded_base_change_is_exact_for_generated_layers(case, tmp_path):
+    """Seeded: shapes in <= out and in > out, Linear and Conv1D (fan_in_fan_out), rsLoRA, some layers unmerged."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from fedlight.core.export import _fold_base_delta
+
+    rng = torch.Generator().manual_seed(1000 + case)
+    Net, sizes, conv = _fuzz_case(rng, case)
+    torch.manual_seed(case)
+    original = Net()
+    r = int(torch.randint(1, 4, (1,), generator=rng))
+    config = LoraConfig(
+        r=r, lora_alpha=float(torch.randint(1, 17, (1,), generator=rng)), target_modules=["0", "1", "2"],
+        use_rslora=bool(case % 2), fan_in_fan_out=conv, lora_dropout=0.1,
+    )  # fmt: skip
+    model = get_peft_model(copy.deepcopy(original), config)
+    params = dict(model.named_parameters())
+    base_delta = {}
+    for i in range(3):
+        prefix = f"base_model.model.layers.{i}"
+        for which in ("lora_A", "lora_B"):
+            w = params[f"{prefix}.{which}.default.weight"]
+            w.data = torch.randn(w.shape, generator=rng)
+        if i == case % 4:  # this layer's base was never merged into
+            continue
+        weight = params[f"{prefix}.base_layer.weight"]
+        delta = torch.randn(weight.shape, generator=rng) * 0.3
+        weight.data += delta  # what MergeIntoBase does in place
+        base_delta[f"{prefix}.base_layer.weight"] = delta
+    model.eval()
+    x = torch.randn(7, sizes[0], generator=rng)
+    with torch.no_grad():
+        expected = model(x)
+    model.save_pretrained(str(tmp_path))
+    folded = _fold_base_delta(model, tmp_path, base_delta)
+    assert sorted(folded) == sorted(k.removeprefix("base_model.model.").removesuffix(".base_layer.weight") for k in base_delta)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(original), str(tmp_path)).eval()
+    with torch.no_grad():
+        got = loaded(x)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (got - expected).abs().max()
+    adapter_cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    for key in folded:  # full rank, scaling exactly 1
+        module = loaded.get_submodule(f"base_model.model.{key}")
+        assert module.r["default"] == adapter_cfg["rank_pattern"][key] == min(module.in_features, module.out_features)
+        assert module.scaling["default"] == 1.0

@@ -5,3 +5,16 @@ from __future__ import annotations
 
 class ConfigError(ValueError):
     """A config (or a file it names) cannot be used; raised before round 1."""
+
+
+class StorageError(RuntimeError):
+    """A run's file or directory cannot be written (read-only, full, blocked by a file).
+
+    Raised by ``fedlight.core.storage`` with the path and the OS reason; the file that was being
+    replaced is left intact. The CLI prints it as one line and exits with status 1.
+    """
+
+    def __init__(self, message: str, path=None, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.errno = errno

@@ -8,9 +8,7 @@ states, run history and the RNG states at the end of the round.
 
 from __future__ import annotations
 
-import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,10 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from fedlight.core.storage import atomic_copy, atomic_write
 from fedlight.errors import ConfigError
+
+__all__ = ["AtomicCheckpointIO", "CheckpointError", "atomic_copy", "capture_rng", "restore_rng"]
 
 
 class CheckpointError(ConfigError):
@@ -26,18 +27,12 @@ class CheckpointError(ConfigError):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file and ``os.replace`` it, so a kill never leaves a torn checkpoint;
+    """Write to ``<name>.tmp``, fsync and ``os.replace`` it, so neither a kill nor a full or read-only
+    disk leaves a torn checkpoint (the latter ends the run with a ``StorageError`` naming the path);
     load with ``weights_only=True`` so a checkpoint can never run code."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(path)
@@ -45,17 +40,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         try:
             return torch.load(path, map_location=map_location or "cpu", weights_only=True)
-        except Exception as err:  # torch raises several types for torn or hostile files
+        except Exception as err:  # noqa: BLE001 - torch raises several types for torn or hostile files
             raise CheckpointError(
                 f"checkpoint {path} could not be loaded safely ({type(err).__name__}: {str(err).splitlines()[0]}); "
                 "it is corrupt, truncated or contains objects that need pickle, which fedlight refuses"
             ) from None
-
-
-def atomic_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def capture_rng() -> dict[str, Any]:

@@ -24,6 +24,7 @@ import torch
 from fedlight.codecs import wire
 from fedlight.codecs.base import Codec
 from fedlight.codecs.identity import IdentityCodec
+from fedlight.core.storage import atomic_write_text
 
 CATEGORIES = ("shared", "local", "frozen")
 MANIFEST_VERSION = 1
@@ -140,11 +141,7 @@ def write_manifest(manifest: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         path = path / "manifest.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, json.dumps(manifest, indent=1) + "\n")
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

@@ -9,9 +9,9 @@ round end   : server pipeline -> new global state, loaded before validation; a r
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -38,12 +38,20 @@ from fedlight.core.manifest import build_manifest, format_manifest, write_manife
 from fedlight.core.module import FederatedModule
 from fedlight.core.personal import accuracy_key, label_matched_split, personal_metrics
 from fedlight.core.plan import RoundPlan, plan_round
-from fedlight.core.server import ServerPipeline
+from fedlight.core.server import DEFAULT_MAX_NORM_OVER_MEDIAN, ServerPipeline
 from fedlight.core.state import State, add, subtract
+from fedlight.core.storage import (
+    append_text,
+    atomic_write_text,
+    check_writable,
+    ensure_dir,
+    release_loggers,
+    remove_stale_tmp,
+)
 from fedlight.core.update import ClientUpdate
 from fedlight.errors import ConfigError
-from fedlight.privacy.base import Privacy, RunSpec
 from fedlight.peft.lora_variants import lora_layout
+from fedlight.privacy.base import Privacy, RunSpec
 from fedlight.privacy.none import NoPrivacy
 from fedlight.privacy.secure_round import SecureAggregation, SecureRound, check_composition
 
@@ -75,6 +83,9 @@ class FederatedRound(pl.Callback):
             (``<log dir>/checkpoints/round-NNNN.ckpt`` and ``last.ckpt``); 0 disables.
         faults: simulated dropouts and stragglers, and the minimum number of updates per round.
         max_update_norm: reject (and count) updates whose L2 norm exceeds this bound.
+        max_norm_over_median: with >= 3 valid updates in a round, reject those whose L2 norm exceeds this
+            multiple of the round's median update norm (default 100; null disables; not applied under
+            ``dp_fedavg`` or secure aggregation, see docs/robustness.md).
         attack: what malicious clients do (for evaluating defences; e.g. ``sign_flip``, ``alie``).
         malicious_fraction: fraction of all clients that are malicious (a fixed, seeded set).
         export_every: export the global adapter as a standard peft/timm/safetensors artefact every N
@@ -106,6 +117,7 @@ class FederatedRound(pl.Callback):
         checkpoint_every: int = 1,
         faults: ClientFaults | None = None,
         max_update_norm: float | None = None,
+        max_norm_over_median: float | None = DEFAULT_MAX_NORM_OVER_MEDIAN,
         attack: Attack | None = None,
         malicious_fraction: float = 0.0,
         export_every: int = 0,
@@ -144,12 +156,7 @@ class FederatedRound(pl.Callback):
             )
         if export_every < 0:
             raise ValueError(f"federation.export_every must be >= 0, got {export_every}")
-        self.export_every, self.export_merged = export_every, export_merged
-        if export_every and aggregator.merges_into_base and not export_merged:
-            raise ValueError(
-                f"federation.aggregator {aggregator.name!r} merges updates into the frozen weights, which an adapter "
-                "alone does not carry: set federation.export_merged: true (the merged model is the exact global one)"
-            )
+        self.export_every, self.export_merged = export_every, export_merged  # merged bases: see core/export.py
         if client_method is not None and client_method.sends_extra and not isinstance(privacy, NoPrivacy):
             raise ValueError(
                 f"federation.client_method {client_method.name!r} sends extra tensors that federation.privacy "
@@ -185,7 +192,9 @@ class FederatedRound(pl.Callback):
         self.aggregator = aggregator
         self.privacy = privacy
         self.client = ClientPipeline(uplink_codec, downlink_codec, privacy)
-        self.server = ServerPipeline(uplink_codec, downlink_codec, aggregator, privacy, max_update_norm)
+        self.server = ServerPipeline(
+            uplink_codec, downlink_codec, aggregator, privacy, max_update_norm, max_norm_over_median
+        )
         check_composition(
             secure_aggregation, aggregator, privacy, uplink_codec, max_update_norm, clients_per_round, client_method
         )
@@ -260,6 +269,8 @@ class FederatedRound(pl.Callback):
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if stage != "fit":
             return
+        if trainer.is_global_zero:  # a read-only, full or blocked log directory fails now, before round 1
+            check_writable(self.log_dir(trainer))
         dm = trainer.datamodule
         if not isinstance(dm, FederatedDataModule) or not isinstance(pl_module, FederatedModule):
             raise ConfigError("the federation callback needs a FederatedModule and a FederatedDataModule")
@@ -302,13 +313,25 @@ class FederatedRound(pl.Callback):
         )  # fmt: skip
 
     def log_dir(self, trainer: pl.Trainer) -> Path:
-        path = Path(trainer.log_dir or trainer.default_root_dir)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return ensure_dir(Path(trainer.log_dir or trainer.default_root_dir))
+
+    def _remove_stale_tmp(self, trainer: pl.Trainer) -> None:
+        """Temporaries of writes a killed run left (``*.ckpt.tmp``, ``rounds.csv.tmp``, half exports)."""
+        if not trainer.is_global_zero:
+            return
+        log_dir = self.log_dir(trainer)
+        for directory in (log_dir, log_dir / "checkpoints", log_dir / "adapters"):
+            remove_stale_tmp(directory)
+        if trainer.ckpt_path:  # the directory the run resumes from
+            remove_stale_tmp(Path(trainer.ckpt_path).parent, "*.ckpt.tmp")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        release_loggers(trainer, exception)  # so the StorageError is the one message the run ends with
 
     # --- run start --------------------------------------------------------------------------------
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+        self._remove_stale_tmp(trainer)
         if self.global_state is None:  # a fresh run; on resume load_state_dict already set it
             self.global_state = pl_module.peft.get_state(pl_module.model, pl_module.shared_names)
             self.initial_local = pl_module.peft.get_state(pl_module.model, pl_module.local_names)
@@ -495,6 +518,8 @@ class FederatedRound(pl.Callback):
         self.privacy.on_round_end()  # charged because clients were queried, whatever arrived
         for client_id, reason in report.rejected.items():
             rank_zero_info(f"[fedlight] round {self.plan.round}: rejected update of client {client_id}: {reason}")
+        if report.skipped:  # a non-finite aggregate: the server kept the global state (docs/robustness.md)
+            rank_zero_warn(f"[fedlight] round {self.plan.round}: {report.skipped}")
         self._round_report = report
         if self.skips_round(len(report.accepted)):
             message = (
@@ -563,7 +588,7 @@ class FederatedRound(pl.Callback):
             atomic_copy(path, directory / "last.ckpt")
         if self.export_every and (self.plan.round % self.export_every == 0 or last) and trainer.is_global_zero:
             out = self.log_dir(trainer) / "adapters" / f"round-{self.plan.round:04d}"
-            export_adapter(pl_module, out, merged=self.export_merged)
+            export_adapter(pl_module, out, merged=self.export_merged, base_delta=self.base_total)
         if not last and self.privacy.would_exceed(1):
             rank_zero_warn(
                 f"[fedlight] stopping after round {self.plan.round}: another round would exceed the privacy budget "
@@ -605,27 +630,25 @@ class FederatedRound(pl.Callback):
         samples = getattr(pl_module, "last_samples", None)
         if not samples or not trainer.is_global_zero:
             return
-        with (self.log_dir(trainer) / "samples.jsonl").open("a", encoding="utf-8") as f:
-            for sample in samples:  # the task's (prompt, generation, reference) triples, evaluators' dicts
-                if isinstance(sample, dict):
-                    record = {"round": round_idx, **sample}
-                else:
-                    prompt, generation, reference = sample
-                    record = {"round": round_idx, "prompt": prompt, "generation": generation, "reference": reference}
-                f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        lines = []
+        for sample in samples:  # the task's (prompt, generation, reference) triples, evaluators' dicts
+            if isinstance(sample, dict):
+                record = {"round": round_idx, **sample}
+            else:
+                prompt, generation, reference = sample
+                record = {"round": round_idx, "prompt": prompt, "generation": generation, "reference": reference}
+            lines.append(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        append_text(self.log_dir(trainer) / "samples.jsonl", "".join(lines))  # all of a round's lines or none
 
     def _write_csv(self, path: Path) -> None:
         columns: list[str] = list(CSV_COLUMNS)
         for r in self.history:
             columns.extend(k for k in r if k not in columns)
-        tmp = path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(self.history)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: a reader never sees a half-written file
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_text(path, text.getvalue())  # a reader never sees a half-written file
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
         rank_zero_info(self.summary())
