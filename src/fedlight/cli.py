@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from fedlight.errors import ConfigError
+from fedlight.errors import ConfigError, StorageError
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -278,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"fedlight: error: {err}", file=sys.stderr)
         return 2
+    except StorageError as err:  # a read-only, full or blocked run directory: one line, files intact
+        print(f"fedlight: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
