@@ -5,8 +5,12 @@ Skipped where flwr or the plugin is not installed; CI installs both (``.ci/run``
 
 from __future__ import annotations
 
+import io
+import math
 import os
+import random
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -15,10 +19,12 @@ import yaml
 flwr = pytest.importorskip("flwr")
 pytest.importorskip("fedlight_flower")
 
-import torch  # noqa: E402
-from conftest import round_callback, run_fit, vision_config  # noqa: E402
+import numpy as np
+import torch
+from conftest import round_callback, run_fit, vision_config
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
-from fedlight.errors import ConfigError  # noqa: E402
+from fedlight.errors import ConfigError
 
 
 def flower_config(tmp_path: Path, **overrides) -> dict:
@@ -38,6 +44,16 @@ def write(cfg: dict, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+@pytest.fixture
+def flower_message_env(monkeypatch):
+    """What a ServerApp process has (Message() reads it), so messages can be built in this process."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 0)
 
 
 def in_process_state(cfg: dict, tmp_path: Path) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -78,7 +94,9 @@ def test_flower_simulation_equals_in_process(tmp_path):
 
 class InMemoryGrid:
     """A Flower ``Grid`` that delivers each message to a ClientApp in this process, one ``Context`` per node
-    (Flower's node state), so the message protocol runs without Ray or a SuperLink."""
+    (Flower's node state), so the message protocol runs without Ray or a SuperLink. Like Flower's own grids
+    it gives every pushed message an id, which the ClientApp's reply refers to; ``deliver`` is the wire
+    (subclasses tamper with it)."""
 
     def __init__(self, client_app, num_nodes: int, run_config: dict) -> None:
         from flwr.app import Context, RecordDict
@@ -96,9 +114,13 @@ class InMemoryGrid:
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as flwr's InMemoryGrid.push_messages
             self.sent.append(msg.metadata.message_type)
-            replies.append(self.app(msg, self.contexts[msg.metadata.dst_node_id]))
+            replies.extend(self.deliver(msg, self.app(msg, self.contexts[msg.metadata.dst_node_id])))
         return replies
+
+    def deliver(self, msg, reply) -> list:
+        return [reply]
 
 
 def test_protocol_with_codec_error_feedback_privacy_and_dropouts_matches_in_process(tmp_path, monkeypatch):
@@ -144,6 +166,303 @@ def test_protocol_with_codec_error_feedback_privacy_and_dropouts_matches_in_proc
     assert sum(r.get("dropped", 0) for r in rows) > 0  # the faults really fired
 
 
+# --- hostile replies: the server decides, not the client ------------------------------------------
+
+UNKNOWN_NODE = 4242
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _tampered(msg, reply, **records):
+    """A reply to ``msg`` with ``reply``'s records, some replaced (``fedlight_x=None`` removes ``fedlight.x``)."""
+    content = dict(reply.content.items())
+    for key, value in records.items():
+        key = key.replace("_", ".")
+        if value is None:
+            content.pop(key, None)
+        else:
+            content[key] = value
+    return Message(RecordDict(content), reply_to=msg)
+
+
+def _with_meta(reply, **fields):
+    for name, value in fields.items():
+        reply.metadata.__dict__[f"_{name}"] = value  # what a forged or replayed message would carry
+    return reply
+
+
+def _edit(kind: str, change):
+    """A tamper that copies one record of the reply (metrics or info) and applies ``change(dict, rng)``."""
+
+    def tamper(msg, reply, rng):
+        if kind == "metrics":
+            values = dict(reply.content.metric_records["fedlight.metrics"].items())
+            change(values, rng)
+            return [_tampered(msg, reply, fedlight_metrics=MetricRecord(values))]
+        values = dict(reply.content.config_records["fedlight.info"].items())
+        change(values, rng)
+        return [_tampered(msg, reply, fedlight_info=ConfigRecord(values))]
+
+    return tamper
+
+
+def _arrays(change):
+    """A tamper that copies the update's arrays and applies ``change(dict of Array, rng)``."""
+
+    def tamper(msg, reply, rng):
+        arrays = dict(reply.content.array_records["fedlight.update"].items())
+        change(arrays, rng)
+        return [_tampered(msg, reply, fedlight_update=ArrayRecord(arrays))]
+
+    return tamper
+
+
+def _one_array(make):
+    """Replace one random tensor by ``make(ndarray, rng)`` (a Flower Array)."""
+
+    def change(arrays, rng):
+        name = rng.choice(sorted(arrays))
+        arrays[name] = make(arrays[name].numpy(), rng)
+
+    return _arrays(change)
+
+
+def _raw(dtype, shape, data, stype="numpy.ndarray"):
+    return Array(dtype=dtype, shape=tuple(shape), stype=stype, data=data)
+
+
+def _wrong_shape(a, rng):
+    shape = a.shape
+    while shape == a.shape:
+        shape = tuple(rng.randint(0, 5) for _ in range(rng.randint(0, 3)))  # zero dimensions included
+    return Array(np.zeros(shape, np.float32))
+
+
+def _nonfinite(a, rng):
+    a = a.copy()
+    a.reshape(-1)[rng.randrange(a.size)] = rng.choice([np.nan, np.inf, -np.inf])
+    return Array(a)
+
+
+def _header_lies(a, rng):
+    """An .npy header claiming a huge array over 4 bytes: refused before numpy would allocate it."""
+    data = _npy(np.zeros(1, np.float32)).replace(b"(1,)", f"({rng.choice([10**9, 2**40])},)".encode())
+    return _raw("float32", a.shape, data)
+
+
+def _forge_count(values, rng):
+    values["num-examples"] += rng.choice([1, -1, 7, 10**6])
+
+
+def _set(key, choices):
+    return lambda values, rng: values.__setitem__(key, rng.choice(choices(values)))
+
+
+def _pop(key):
+    return lambda values, rng: values.pop(key)
+
+
+def _drop_record(key):
+    return lambda msg, reply, rng: [_tampered(msg, reply, **{key: None})]
+
+
+def _swap_record(key, make):
+    return lambda msg, reply, rng: [_tampered(msg, reply, **{key: make(reply, rng)})]
+
+
+#: (name, tamper(train message, honest reply, rng) -> replies delivered instead, excluded (the client's
+#: honest update must not be aggregated), rows it adds to `rejected`, rows it adds to `failed`)
+REPLY_CASES = [
+    ("no update record", _drop_record("fedlight_update"), True, 1, 0),
+    ("no metrics record", _drop_record("fedlight_metrics"), True, 1, 0),
+    ("no info record", _drop_record("fedlight_info"), True, 1, 0),
+    ("metrics sent as a ConfigRecord", _swap_record("fedlight_metrics", lambda r, g: ConfigRecord(dict(r.content.metric_records["fedlight.metrics"].items()))), True, 1, 0),
+    ("empty update record", _swap_record("fedlight_update", lambda r, g: ArrayRecord()), True, 1, 0),
+    ("codec bytes in array mode", _swap_record("fedlight_update", lambda r, g: ArrayRecord([np.frombuffer(g.randbytes(64), np.uint8).copy()])), True, 1, 0),
+    ("a tensor missing", _arrays(lambda a, g: a.pop(g.choice(sorted(a)))), True, 1, 0),
+    ("an unexpected tensor", _arrays(lambda a, g: a.__setitem__(g.choice(["evil", "model.x.weight"]), Array(np.ones(3, np.float32)))), True, 1, 0),
+    ("wrong shape", _one_array(_wrong_shape), True, 1, 0),
+    ("wrong dtype", _one_array(lambda a, g: Array(a.astype(g.choice([np.float64, np.float16, np.int32, np.uint8])))), True, 1, 0),
+    ("NaN/Inf value", _one_array(_nonfinite), True, 1, 0),
+    ("npy header claims a huge array", _one_array(_header_lies), True, 1, 0),
+    ("truncated npy data", _one_array(lambda a, g: _raw("float32", a.shape, _npy(a)[: g.randrange(len(_npy(a)))])), True, 1, 0),
+    ("random bytes as data", _one_array(lambda a, g: _raw("float32", a.shape, g.randbytes(g.randrange(1, 300)))), True, 1, 0),
+    ("not numpy-serialised", _one_array(lambda a, g: _raw("float32", a.shape, _npy(a), g.choice(["torch", "pickle"]))), True, 1, 0),
+    ("Array metadata disagrees with data", _one_array(lambda a, g: _raw("float64", a.shape, _npy(a))), True, 1, 0),
+    ("num-examples missing", _edit("metrics", _pop("num-examples")), True, 1, 0),
+    ("train_loss missing", _edit("metrics", _pop("train_loss")), True, 1, 0),
+    ("count differs from the plan", _edit("metrics", _forge_count), True, 1, 0),
+    ("count zero or negative", _edit("metrics", _set("num-examples", lambda v: [0, -1, -(10**9)])), True, 1, 0),
+    ("count as a float", _edit("metrics", _set("num-examples", lambda v: [float(v["num-examples"])])), True, 1, 0),
+    ("count as a list", _edit("metrics", _set("num-examples", lambda v: [[v["num-examples"]]])), True, 1, 0),
+    ("train_loss NaN/Inf/list", _edit("metrics", _set("train_loss", lambda v: [math.nan, math.inf, [1.0]])), True, 1, 0),
+    ("claims another client", _edit("info", _set("client-id", lambda v: [c for c in range(4) if c != v["client-id"]])), True, 1, 0),
+    ("client-id of a wrong type", _edit("info", _set("client-id", lambda v: [str(v["client-id"]), 0.0, True])), True, 1, 0),
+    ("client-id missing", _edit("info", _pop("client-id")), True, 1, 0),
+    ("another backbone", _edit("info", _set("backbone", lambda v: ["0" * 16, v["backbone"][::-1], 7])), True, 1, 0),
+    ("the same reply twice", lambda m, r, g: [r, r], True, 1, 0),
+    ("two different replies", lambda m, r, g: [r, *_edit("metrics", _forge_count)(m, r, g)], True, 1, 0),
+    ("from a node never asked", lambda m, r, g: [_with_meta(r, src_node_id=UNKNOWN_NODE + g.randrange(99))], True, 1, 1),
+    ("plus a copy from a node never asked", lambda m, r, g: [r, _with_meta(_tampered(m, r), src_node_id=UNKNOWN_NODE)], False, 1, 0),
+    ("stale round", lambda m, r, g: [_with_meta(r, group_id=str(int(r.metadata.group_id) - g.randint(1, 3)))], True, 1, 0),
+    ("reply to another message", lambda m, r, g: [_with_meta(r, reply_to_message_id=uuid.UUID(int=g.getrandbits(128)).hex)], True, 1, 0),
+    ("wrong message type", lambda m, r, g: [_with_meta(r, message_type=g.choice(["query", "evaluate"]))], True, 1, 0),
+    ("error reply", lambda m, r, g: [Message(Error(code=0, reason="boom"), reply_to=m)], True, 0, 1),
+    ("no reply", lambda m, r, g: [], True, 0, 1),
+]
+
+
+def hostile_schedule(num_clients: int, cases_per_kind: int, seed: int) -> dict[tuple[int, int], int]:
+    """(round, client) -> case index: every case ``cases_per_kind`` times, shuffled, one honest client per round."""
+    rng = random.Random(seed)
+    cases = [i for i in range(len(REPLY_CASES)) for _ in range(cases_per_kind)]
+    rng.shuffle(cases)
+    schedule: dict[tuple[int, int], int] = {}
+    round_idx = 0
+    while cases:
+        round_idx += 1
+        honest = rng.randrange(num_clients)
+        for client in range(num_clients):
+            if client != honest and cases:
+                schedule[(round_idx, client)] = cases.pop()
+    return schedule
+
+
+class HostileGrid(InMemoryGrid):
+    """Runs the real ClientApp, then delivers what ``schedule`` says for that (round, client) instead of its
+    reply. ``reference=True``: the same training, but a tampered client's reply simply never arrives when the
+    case excludes it (what a correct server must end up aggregating)."""
+
+    def __init__(self, *args, schedule, seed, reference=False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.schedule, self.reference, self.seed = schedule, reference, seed
+
+    def deliver(self, msg, reply):
+        if msg.metadata.message_type != "train":
+            return [reply]
+        cfg = msg.content.config_records["fedlight.config"]
+        key = (int(cfg["round"]), int(cfg["client-id"]))
+        if key not in self.schedule:
+            return [reply]
+        _, tamper, excluded, _, _ = REPLY_CASES[self.schedule[key]]
+        if self.reference:
+            return [] if excluded else [reply]
+        return tamper(msg, reply, random.Random(hash((self.seed, *key))))
+
+
+@pytest.mark.parametrize(
+    ("cases_per_kind", "seed"), [(1, 15), pytest.param(4, 16, marks=pytest.mark.slow)], ids=["each-once", "each-4x"]
+)
+def test_malformed_replies_are_rejected_never_crash_never_accepted(
+    tmp_path, capsys, flower_message_env, cases_per_kind, seed
+):
+    """A seeded table of hostile replies (every case in REPLY_CASES, random parameters) driven through
+    the real ServerApp loop and ClientApp: no exception escapes, each round counts exactly the expected
+    rejections and failures (reasons logged), and the final global state is bit-identical to a run whose
+    tampered replies simply never arrived, so nothing malformed was aggregated."""
+    from fedlight_flower import apps
+    from fedlight_flower.job import FedlightJob
+
+    cfg = flower_config(
+        tmp_path,
+        data={"num_clients": 4},
+        federation={"clients_per_round": 4, "local_steps": 1, "eval_before_training": False},
+    )
+    schedule = hostile_schedule(4, cases_per_kind, seed)
+    rounds = max(r for r, _ in schedule)
+    cfg["federation"]["rounds"] = rounds
+    config = write(cfg, tmp_path / "flower.yaml")
+    client_app = apps.build_client_app(str(config))
+    results = {}
+    for mode in ("reference", "hostile"):  # a fresh server job each: run_server starts from the job's model
+        grid = HostileGrid(client_app, 4, {}, schedule=schedule, seed=seed, reference=(mode == "reference"))
+        state = apps.run_server(grid, FedlightJob(config), tmp_path / mode, round_timeout=60, nodes_timeout=5)
+        results[mode] = (state, yaml.safe_load((tmp_path / mode / "rounds.json").read_text()))
+    log = capsys.readouterr().out
+    (state, rows), (ref_state, ref_rows) = results["hostile"], results["reference"]
+    assert [r["round"] for r in rows] == list(range(1, rounds + 1))
+    for row, ref in zip(rows, ref_rows):
+        cases = [REPLY_CASES[i] for (r, _), i in schedule.items() if r == row["round"]]
+        assert row["rejected"] == sum(c[3] for c in cases), (row["round"], [c[0] for c in cases])
+        assert row["failed"] == sum(c[4] for c in cases), (row["round"], [c[0] for c in cases])
+        assert row["num_clients"] == ref["num_clients"] == 4 - sum(c[2] for c in cases)
+        assert ref["rejected"] == 0
+    for name, value in ref_state.items():
+        assert torch.equal(state[name], value), name  # no malformed reply changed the aggregate
+    tried = len(schedule)
+    rejected = sum(r["rejected"] for r in rows)
+    assert log.count("rejected reply of") == rejected  # every rejection is logged with its reason
+    assert "the server planned" in log and "not asked this round" in log and "replies to one message" in log
+    with capsys.disabled():
+        print(f"\nmalformed replies tried {tried}: rejections {rejected}, failures {sum(r['failed'] for r in rows)}, crashes 0")
+
+
+def test_codec_payload_replies_are_screened(tmp_path, monkeypatch, flower_message_env):
+    """With a non-identity uplink codec the update is one uint8 Array of codec bytes: a wrong dtype, shape or
+    count of arrays is refused by the screen, garbage bytes by ServerPipeline; the round goes on."""
+    from fedlight_flower import apps
+    from fedlight_flower.job import FedlightJob
+
+    def payload(make):
+        return _swap_record("fedlight_update", lambda r, g: make(r.content.array_records["fedlight.update"], g))
+
+    def only(rec):
+        return next(iter(rec.values())).numpy()
+
+    cases = [
+        payload(lambda rec, g: ArrayRecord([only(rec).astype(np.float32)])),
+        payload(lambda rec, g: ArrayRecord([only(rec).reshape(1, -1)])),
+        payload(lambda rec, g: ArrayRecord([only(rec), only(rec)])),
+        payload(lambda rec, g: ArrayRecord([only(rec)[: g.randrange(only(rec).size)]])),  # truncated payload
+        payload(lambda rec, g: ArrayRecord([np.frombuffer(g.randbytes(only(rec).size), np.uint8).copy()])),
+    ]
+    cfg = flower_config(
+        tmp_path,
+        data={"num_clients": 3},
+        federation={
+            "rounds": len(cases), "clients_per_round": 3, "local_steps": 1, "eval_before_training": False,
+            "uplink_codec": {"class_path": "int8"},
+        },
+    )  # fmt: skip
+    config = write(cfg, tmp_path / "flower.yaml")
+
+    class Grid(InMemoryGrid):
+        def deliver(self, msg, reply):
+            if msg.metadata.message_type != "train":
+                return [reply]
+            cfg = msg.content.config_records["fedlight.config"]
+            if int(cfg["client-id"]) == 0:
+                return cases[int(cfg["round"]) - 1](msg, reply, random.Random(int(cfg["round"])))
+            return [reply]
+
+    apps.run_server(Grid(apps.build_client_app(str(config)), 3, {}), FedlightJob(config), tmp_path / "out", 60, 5)
+    rows = yaml.safe_load((tmp_path / "out" / "rounds.json").read_text())
+    assert [(r["rejected"], r["num_clients"], r["failed"]) for r in rows] == [(1, 2, 0)] * len(cases)
+
+
+def test_map_clients_ignores_bad_identifications(flower_message_env):
+    """A node answering `query` with garbage is left out by name; the run stops before round 1 with a message."""
+    from fedlight_flower import apps
+
+    class Grid:
+        def get_node_ids(self):
+            return [1, 2, 3]
+
+        def send_and_receive(self, messages, *, timeout=None):
+            claims = {1: 0, 2: "1", 3: 7}  # node 2: a string id, node 3: out of range
+            return [
+                Message(RecordDict({"fedlight.info": ConfigRecord({"client-id": claims[m.metadata.dst_node_id]})}), reply_to=m)
+                for m in messages
+            ]  # fmt: skip
+
+    with pytest.raises(RuntimeError, match=r"no SuperNode holds fedlight clients \[1, 2\].*node 2: client-id '1'"):
+        apps.map_clients(Grid(), 3, timeout=1)
+
+
 def test_unsupported_federation_options_fail_before_training(tmp_path):
     from fedlight_flower.job import FedlightJob
 
@@ -177,10 +496,33 @@ def test_fedlight_plugins_lists_the_package(monkeypatch, capsys):
     assert "fedlight-flower simulate --config" in capsys.readouterr().out
 
 
-def test_deploy_writes_a_flower_app(tmp_path):
-    import tomllib
+def _verify(tls, host: str) -> None:
+    """Path validation as a TLS client does it (cryptography's verifier: chain to the CA, SAN, validity, usage)."""
+    import ipaddress
 
+    from cryptography import x509
+    from cryptography.x509.verification import PolicyBuilder, Store
+
+    ca = x509.load_pem_x509_certificate(tls.ca_cert.read_bytes())
+    leaf = x509.load_pem_x509_certificate(tls.server_cert.read_bytes())
+    try:
+        subject = x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        subject = x509.DNSName(host)
+    PolicyBuilder().store(Store([ca])).build_server_verifier(subject).verify(leaf, [])
+
+
+def test_deploy_writes_a_tls_flower_app(tmp_path):
+    """TLS is the default: a CA, a SuperLink certificate valid for the given host (and 127.0.0.1/localhost)
+    that chains to it, one SuperNode key pair per client, and commands/connection that use them."""
+    import stat
+
+    import tomllib
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_ssh_private_key
+    from cryptography.x509.verification import VerificationError
     from fedlight_flower.cli import deploy, main
+    from fedlight_flower.tls import existing_tls
 
     config = write(flower_config(tmp_path), tmp_path / "job.yaml")
     app = deploy(config, tmp_path / "app", superlink="10.0.0.5", port=9000)
@@ -190,13 +532,117 @@ def test_deploy_writes_a_flower_app(tmp_path):
         "clientapp": "fedlight_flower.apps:client_app",
     }
     assert project["tool"]["flwr"]["app"]["config"]["config"] == str(config.resolve())
+    tls = existing_tls(app / "tls", ["10.0.0.5"], 3)
+    assert tls is not None
+    for host in ("10.0.0.5", "127.0.0.1", "localhost"):
+        _verify(tls, host)
+    for host in ("10.0.0.6", "superlink.example.org"):
+        with pytest.raises(VerificationError):
+            _verify(tls, host)
+    assert not (app / "tls" / "ca.key").exists()  # nobody can mint another certificate this deployment trusts
+    for k in range(3):
+        key = load_ssh_private_key(tls.node_keys[k].read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+        public = key.public_key().public_bytes(Encoding.OpenSSH, PublicFormat.OpenSSH)
+        assert tls.node_public_key(k).read_bytes().strip() == public
+    for secret in (tls.server_key, *tls.node_keys):
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600
     readme = (app / "README.md").read_text()
-    assert "flower-superlink --insecure --disable-runtime-dependency-installation --host 0.0.0.0 --port 9000" in readme
-    assert "--superlink 10.0.0.5:9000" in readme and 'partition-id=$K num-partitions=3' in readme
-    assert "--ssl-certfile" in readme and "--root-certificates" in readme
+    d = app / "tls"
+    assert (
+        f"flower-superlink --ssl-ca-certfile {d}/ca.crt --ssl-certfile {d}/server.pem --ssl-keyfile {d}/server.key "
+        "--enable-supernode-auth --disable-runtime-dependency-installation --host 0.0.0.0 --port 9000"
+    ) in readme
+    assert f'flwr supernode register "{d}/supernode-$K.pub" fedlight-local' in readme
+    assert (
+        f'flower-supernode --root-certificates {d}/ca.crt --auth-supernode-private-key "{d}/supernode-$K.key" '
+        '--superlink 10.0.0.5:9000 --host 127.0.0.1 --port 9094 --node-config "partition-id=$K num-partitions=3"'
+    ) in readme
+    assert "--insecure" not in readme
     connection = tomllib.loads((app / "flwr-home" / "config.toml").read_text())
-    assert connection["superlink"]["fedlight-local"] == {"address": "10.0.0.5:9000", "insecure": True}
+    assert connection["superlink"]["fedlight-local"] == {"address": "10.0.0.5:9000", "root-certificates": str(d / "ca.crt")}
+    # re-running deploy keeps the material (a running deployment keeps working); another host gets a new CA
+    ca = tls.ca_cert.read_bytes()
+    deploy(config, tmp_path / "app", superlink="10.0.0.5", port=9000)
+    assert tls.ca_cert.read_bytes() == ca
+    deploy(config, tmp_path / "app", superlink="superlink.example.org", port=9000)
+    assert tls.ca_cert.read_bytes() != ca
+    _verify(existing_tls(app / "tls", ["superlink.example.org"], 3), "superlink.example.org")
     assert main(["deploy", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_deploy_insecure_only_when_asked(tmp_path):
+    import tomllib
+    from fedlight_flower.cli import main
+
+    config = write(flower_config(tmp_path), tmp_path / "job.yaml")
+    assert main(["deploy", "--config", str(config), "--out", str(tmp_path / "app"), "--insecure", "--port", "9000"]) == 0
+    readme = (tmp_path / "app" / "README.md").read_text()
+    assert "flower-superlink --insecure --disable-runtime-dependency-installation --host 0.0.0.0 --port 9000" in readme
+    assert "Security: NONE" in readme and "register" not in readme and not (tmp_path / "app" / "tls").exists()
+    connection = tomllib.loads((tmp_path / "app" / "flwr-home" / "config.toml").read_text())
+    assert connection["superlink"]["fedlight-local"] == {"address": "127.0.0.1:9000", "insecure": True}
+
+
+def _tls_superlink(tmp_path, nodes: int = 2):
+    """A SuperLink on 127.0.0.1 with freshly made TLS material and SuperNode authentication (a LocalDeployment)."""
+    from fedlight_flower.cli import superlink_commands
+    from fedlight_flower.local import LocalDeployment, wait_for_port
+    from fedlight_flower.tls import make_tls
+
+    tls = make_tls(tmp_path / "tls", ["127.0.0.1"], nodes)
+    deployment = LocalDeployment(tmp_path, nodes, tmp_path / "logs", grace=3, tls=tls)
+    deployment.workdir.mkdir(parents=True)
+    deployment.flwr_home.mkdir()
+    commands = superlink_commands("127.0.0.1", nodes, deployment.port, bind="127.0.0.1", tls=tls)
+    return deployment, commands, tls, wait_for_port
+
+
+@pytest.mark.slow
+def test_tls_superlink_handshake_and_supernode_authentication(tmp_path):
+    """A real SuperLink with the generated certificates: a TLS handshake that checks the CA and the SAN
+    127.0.0.1 succeeds, one without the CA and a clear-text request fail; a SuperNode whose key was
+    registered activates, one with an unregistered key is refused."""
+    import socket
+    import ssl
+
+    from fedlight_flower.cli import flwr_config_toml
+
+    deployment, commands, tls, wait_for_port = _tls_superlink(tmp_path)
+    host, port = "127.0.0.1", deployment.port
+    try:
+        link = deployment._spawn(commands["superlink"], "superlink.log")
+        wait_for_port(host, port, 60, link)
+        context = ssl.create_default_context(cafile=str(tls.ca_cert))  # verifies chain and host name
+        with socket.create_connection((host, port), timeout=10) as raw, context.wrap_socket(raw, server_hostname=host) as s:
+            assert s.version() in ("TLSv1.2", "TLSv1.3")
+            assert ("IP Address", "127.0.0.1") in s.getpeercert()["subjectAltName"]
+        raw = socket.create_connection((host, port), timeout=10)
+        with pytest.raises(ssl.SSLCertVerificationError):  # the system CAs do not vouch for it
+            ssl.create_default_context().wrap_socket(raw, server_hostname=host)
+        raw.close()
+        with socket.create_connection((host, port), timeout=10) as raw:  # clear text gets no HTTP answer
+            raw.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            try:
+                answer = raw.recv(64)
+            except OSError:
+                answer = b""
+            assert not answer.startswith(b"HTTP/")
+        (deployment.flwr_home / "config.toml").write_text(flwr_config_toml(host, port, root_certificates=tls.ca_cert))
+        deployment.register(commands["register"](0), timeout=60)
+        good = deployment._spawn(commands["supernode"](0, deployment.node_ports[0]), "supernode-0.log")
+        bad_argv = commands["supernode"](1, deployment.node_ports[1])
+        bad = deployment._spawn([*bad_argv, "--max-retries", "2"], "supernode-1.log")  # key 1 never registered
+        deadline = time.monotonic() + 90
+        link_log = tmp_path / "logs" / "superlink.log"
+        while time.monotonic() < deadline and ("Activated node_id" not in link_log.read_text() or bad.poll() is None):
+            time.sleep(0.5)
+        assert "Activated node_id" in link_log.read_text(), deployment.logs()
+        assert good.poll() is None, deployment.logs()  # the registered SuperNode is connected and running
+        assert bad.poll() not in (None, 0), deployment.logs()
+        assert "Failed to activate SuperNode" in (tmp_path / "logs" / "supernode-1.log").read_text()
+    finally:
+        deployment.close()
 
 
 def live_members(groups: set[int]) -> list[int]:
@@ -216,10 +662,9 @@ def live_members(groups: set[int]) -> list[int]:
 def test_local_deployment_superlink_and_supernodes(tmp_path):
     """A SuperLink and 2 SuperNodes as local processes (insecure, free ports), one round through `flwr run`,
     then every process group is gone within a bounded time."""
-    from safetensors.torch import load_file
-
     from fedlight_flower.cli import deploy
     from fedlight_flower.local import LocalDeployment
+    from safetensors.torch import load_file
 
     cfg = flower_config(
         tmp_path, data={"num_clients": 2}, federation={"rounds": 1, "clients_per_round": 1, "eval_before_training": False}

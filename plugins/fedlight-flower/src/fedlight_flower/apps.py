@@ -18,27 +18,36 @@ ArrayRecords: where Flower keeps node state (a deployed SuperNode runs every mes
 
 Sampling is fedlight's ``FederatedRound.plan_for`` (same seed -> same clients as ``fedlight fit``);
 aggregation, validation, secure sum and central DP are fedlight's ``ServerPipeline``, never a Flower Strategy.
+
+The server decides, not the client: every ``train`` reply passes :func:`screen_replies` before anything
+of it is used. The example count is the partition size the server planned (a reply claiming another is
+rejected), and a reply that is malformed, stale, duplicated, from a node that was not asked or for another
+client becomes a rejection in the round's ``rejected`` column (reason logged), never an exception out of
+the round loop. Decoding and validating the update itself is ``ServerPipeline.aggregate``'s job.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import fedlight_flower  # noqa: F401  (quiet/offline env before flwr is imported)
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+import fedlight_flower  # noqa: F401  (its __init__ sets the quiet/offline env; it runs before this module anyway)
+
 if TYPE_CHECKING:  # heavy imports stay out of the module: a `query` process never needs torch
     from fedlight.core.state import State
-
+    from fedlight.core.update import ClientUpdate
     from fedlight_flower.job import FedlightJob
 
 CONFIG_KEY = "config"  # run_config: path of the fedlight YAML
@@ -186,21 +195,222 @@ def _wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
 
 
 def map_clients(grid: Grid, count: int, timeout: float) -> dict[int, int]:
-    """fedlight client id -> Flower node id, asked of every node (its ``partition-id``)."""
+    """fedlight client id -> Flower node id, asked of every node (its ``partition-id``).
+
+    A node whose answer is an error or malformed is left out (and named); the run then stops before
+    round 1 if a client has no node, or if two nodes claim the same client.
+    """
     nodes = _wait_for_nodes(grid, count, timeout)
     messages = [Message(RecordDict(), dst_node_id=node, message_type="query", group_id="0") for node in nodes]
     mapping: dict[int, int] = {}
+    ignored: list[str] = []
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_error():
-            raise RuntimeError(f"node {reply.metadata.src_node_id} failed to identify: {reply.error.reason}")
-        client_id = int(reply.content.config_records["fedlight.info"]["client-id"])
-        if client_id in mapping:
+        node = getattr(getattr(reply, "metadata", None), "src_node_id", None)
+        try:
+            if node not in nodes:
+                raise ValueError("this node was not asked")
+            if reply.has_error():
+                raise ValueError(f"error reply: {reply.error.reason}")
+            client_id = reply.content.config_records["fedlight.info"]["client-id"]
+            if type(client_id) is not int or not 0 <= client_id < count:
+                raise ValueError(f"client-id {client_id!r} is not an int in [0, {count})")
+        except Exception as err:  # noqa: BLE001 (a node's bad answer must not crash the ServerApp)
+            ignored.append(f"node {node}: {err}")
+            print(f"[fedlight-flower] ignored the identification of {ignored[-1]}", flush=True)
+            continue
+        if client_id in mapping and mapping[client_id] != node:
             raise RuntimeError(f"two SuperNodes claim fedlight client {client_id}: give each a distinct partition-id")
-        mapping[client_id] = reply.metadata.src_node_id
+        mapping[client_id] = node
     missing = sorted(set(range(count)) - set(mapping))
     if missing:
-        raise RuntimeError(f"no SuperNode holds fedlight clients {missing[:10]} (node_config partition-id)")
+        detail = f"; ignored answers: {'; '.join(ignored[:5])}" if ignored else ""
+        raise RuntimeError(f"no SuperNode holds fedlight clients {missing[:10]} (node_config partition-id){detail}")
     return mapping
+
+
+# --- reply screening: the only place a client's reply is trusted ----------------------------------
+
+#: metric keys every ``train`` reply must carry (``steps``, ``uplink-bytes`` and others are informational)
+REQUIRED_METRICS = ("num-examples", "train_loss")
+UPDATE_RECORD, METRICS_RECORD, INFO_RECORD = "fedlight.update", "fedlight.metrics", "fedlight.info"
+NPY_STYPE = "numpy.ndarray"
+
+
+class ReplyRejected(ValueError):
+    """A ``train`` reply the server does not use; the message says what was wrong with it."""
+
+
+@dataclass(frozen=True)
+class PlannedReply:
+    """What the server asked of one client this round: the facts a reply is checked against."""
+
+    client_id: int
+    node_id: int
+    round_idx: int
+    num_examples: int  # the partition size the server knows, never the client's claim
+    message_id: str = ""  # set by the Grid when it pushes the message ('' on a grid that assigns none)
+
+
+@dataclass
+class ScreenedReplies:
+    """One round's replies after :func:`screen_replies`: updates for ``ServerPipeline.aggregate`` and the rest."""
+
+    updates: list[ClientUpdate] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)  # "client K" / "node N" -> reason
+    failed: dict[int, str] = field(default_factory=dict)  # client id -> reason (no reply, error reply)
+
+
+def _npy_array(array: Any, shape: tuple[int, ...] | None, dtype: np.dtype, what: str) -> np.ndarray:
+    """``array`` as numpy once its .npy header matches ``shape`` (None: any 1-D) and ``dtype``, before allocating."""
+    from flwr.app import Array
+
+    if not isinstance(array, Array):
+        raise ReplyRejected(f"{what}: not a Flower Array ({type(array).__name__})")
+    if array.stype != NPY_STYPE or not isinstance(array.data, bytes):
+        raise ReplyRejected(f"{what}: serialisation {array.stype!r}, expected {NPY_STYPE!r} bytes")
+    stream = io.BytesIO(array.data)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        got_shape, _, got_dtype = read_header(stream)  # bounded: numpy refuses headers over 10 kB
+    except Exception as err:  # noqa: BLE001
+        raise ReplyRejected(f"{what}: not a .npy array ({err})") from None
+    got_shape = tuple(got_shape)
+    if shape is None:
+        shape = got_shape if len(got_shape) == 1 else (-1,)
+    if got_dtype != dtype or got_shape != tuple(shape):
+        raise ReplyRejected(f"{what}: {got_dtype} {got_shape}, expected {dtype} {tuple(shape)}")
+    if str(array.dtype) != dtype.name or tuple(array.shape) != got_shape:
+        raise ReplyRejected(f"{what}: Array says {array.dtype} {tuple(array.shape)}, its data {got_dtype} {got_shape}")
+    expected_bytes = math.prod(shape) * dtype.itemsize
+    if len(array.data) - stream.tell() != expected_bytes:
+        raise ReplyRejected(f"{what}: {len(array.data) - stream.tell()} data bytes, expected {expected_bytes}")
+    return np.load(io.BytesIO(array.data), allow_pickle=False)
+
+
+def _update_payload(record: Any, job: FedlightJob, global_state: State, arrays: bool) -> bytes:
+    """The reply's update as uplink payload bytes; names, shapes and dtypes checked against the global state."""
+    import torch
+
+    if not isinstance(record, ArrayRecord):
+        raise ReplyRejected(f"{UPDATE_RECORD} is {type(record).__name__}, not an ArrayRecord")
+    if not arrays:  # one uint8 Array: the uplink codec's payload, decoded and validated by ServerPipeline
+        if len(record) != 1:
+            raise ReplyRejected(f"{UPDATE_RECORD}: {len(record)} arrays, expected 1 (the codec payload)")
+        (array,) = record.values()
+        return _npy_array(array, None, np.dtype(np.uint8), UPDATE_RECORD).tobytes()
+    names = job.shared_names
+    extra, missing = sorted(set(record) - set(names)), [n for n in names if n not in record]
+    if missing or extra:
+        raise ReplyRejected(f"{UPDATE_RECORD}: missing tensors {missing[:5]}, unexpected tensors {extra[:5]}")
+    fp32 = np.dtype(np.float32)
+    state = {
+        name: torch.from_numpy(
+            _npy_array(record[name], tuple(global_state[name].shape), fp32, f"{UPDATE_RECORD}[{name}]")
+        ).to(global_state[name].dtype)  # fp32 on the wire (numpy has no bf16); the delta's own dtype again
+        for name in names
+    }
+    return job.client_pipeline.uplink.encode(state)
+
+
+def _check_metadata(reply: Message, planned: PlannedReply) -> None:
+    meta = reply.metadata
+    if meta.message_type != "train":
+        raise ReplyRejected(f"reply of type {meta.message_type!r} to a train message")
+    if meta.group_id != str(planned.round_idx):
+        raise ReplyRejected(f"reply for round {meta.group_id!r} in round {planned.round_idx} (stale or forged)")
+    if planned.message_id and meta.reply_to_message_id != planned.message_id:
+        raise ReplyRejected(f"reply to message {meta.reply_to_message_id!r}, not to this round's {planned.message_id!r}")
+
+
+def _check_content(
+    reply: Message, planned: PlannedReply, job: FedlightJob, global_state: State, backbone: str, arrays: bool
+) -> tuple[ClientUpdate, float]:
+    from fedlight.core.update import ClientUpdate
+
+    content = reply.content
+    for key, records, kind in (
+        (UPDATE_RECORD, content.array_records, "ArrayRecord"),
+        (METRICS_RECORD, content.metric_records, "MetricRecord"),
+        (INFO_RECORD, content.config_records, "ConfigRecord"),
+    ):
+        if key not in records:
+            raise ReplyRejected(f"no {kind} {key!r} in the reply")
+    info = content.config_records[INFO_RECORD]
+    claimed = info.get("client-id")
+    if type(claimed) is not int or claimed != planned.client_id:
+        raise ReplyRejected(f"reply claims client-id {claimed!r}; the server asked client {planned.client_id}")
+    theirs = info.get("backbone")
+    if theirs != backbone:
+        raise ReplyRejected(
+            f"frozen backbone digest {theirs!r} != server's {backbone!r}: every machine needs the same model "
+            "weights (for random-init models set seed_everything)"
+        )
+    metrics = content.metric_records[METRICS_RECORD]
+    missing = [k for k in REQUIRED_METRICS if k not in metrics]
+    if missing:
+        raise ReplyRejected(f"metrics {missing} missing from {METRICS_RECORD}")
+    count, loss = metrics["num-examples"], metrics["train_loss"]
+    if type(count) is not int:
+        raise ReplyRejected(f"num-examples is {type(count).__name__} {count!r}, not an int")
+    if count <= 0:
+        raise ReplyRejected(f"num-examples {count} is not positive")
+    if count != planned.num_examples:
+        raise ReplyRejected(f"claims {count} examples; the server planned {planned.num_examples} (its partition size)")
+    if type(loss) not in (int, float) or not math.isfinite(loss):
+        raise ReplyRejected(f"train_loss {loss!r} is not a finite number")
+    payload = _update_payload(content.array_records[UPDATE_RECORD], job, global_state, arrays)
+    # the planned count, never the claim (they are equal here, but only the server's figure is used)
+    update = ClientUpdate(planned.client_id, planned.num_examples, payload, {"train_loss": float(loss)})
+    return update, float(loss)
+
+
+def screen_replies(
+    replies: list[Message], planned: list[PlannedReply], job: FedlightJob, global_state: State, backbone: str
+) -> ScreenedReplies:
+    """Sort one round's ``train`` replies into trusted updates, rejections and failures; never raises for a reply.
+
+    Per planned client (in plan order, as the in-process loop appends updates): no reply or an error reply
+    is a *failure* (as a client whose training raised is in-process); a reply that is duplicated, stale,
+    for another message or client, or malformed (missing records, tensors or metric keys, wrong types,
+    shapes or dtypes, a count other than the planned one, another backbone) is a *rejection*, and so is
+    every reply from a node that was not asked this round.
+    """
+    out = ScreenedReplies()
+    arrays = uses_arrays(job)
+    by_node: dict[Any, list[Message]] = {}
+    for reply in replies:
+        by_node.setdefault(getattr(getattr(reply, "metadata", None), "src_node_id", None), []).append(reply)
+    expected = {p.node_id for p in planned}
+    for node, extra in by_node.items():
+        if node not in expected:
+            out.rejected[f"node {node}"] = f"{len(extra)} reply(ies) from a node that was not asked this round"
+    for p in planned:
+        got = by_node.get(p.node_id, [])
+        label = f"client {p.client_id}"
+        if not got:
+            out.failed[p.client_id] = "no reply within round-timeout"
+            continue
+        if len(got) > 1:
+            out.rejected[label] = f"{len(got)} replies to one message: none is used"
+            continue
+        reply = got[0]
+        try:
+            _check_metadata(reply, p)
+            if reply.has_error():
+                out.failed[p.client_id] = f"error reply: {reply.error.reason}"
+                continue
+            update, loss = _check_content(reply, p, job, global_state, backbone, arrays)
+        except ReplyRejected as err:
+            out.rejected[label] = str(err)
+            continue
+        except Exception as err:  # noqa: BLE001 (whatever a hostile reply triggers is a rejection, not a crash)
+            out.rejected[label] = f"malformed reply ({type(err).__name__}: {err})"
+            continue
+        out.updates.append(update)
+        out.losses.append(loss)
+    return out
 
 
 def _write_outputs(out: Path, global_state: State, history: list[dict[str, Any]]) -> None:
@@ -233,8 +443,6 @@ def _privacy_state(job: FedlightJob) -> str:
 def run_server(grid: Grid, job: FedlightJob, out: Path | None, round_timeout: float, nodes_timeout: float) -> State:
     """The federated loop: plan -> broadcast -> local fits on the nodes -> fedlight server pipeline."""
     from fedlight.core.faults import TooFewClientsError
-    from fedlight.core.update import ClientUpdate
-
     from fedlight_flower.job import round_generator
 
     fed = job.federation
@@ -264,7 +472,7 @@ def run_server(grid: Grid, job: FedlightJob, out: Path | None, round_timeout: fl
                                 "round": round_idx, "client-id": c, "steps": s, "seed": job.seed,
                                 "data-seed": job.data_seed, "privacy-state": privacy_state,
                             }
-                        ),  # fmt: skip
+                        ),
                     }
                 ),
                 dst_node_id=node_of[c],
@@ -273,32 +481,15 @@ def run_server(grid: Grid, job: FedlightJob, out: Path | None, round_timeout: fl
             )
             for c, s in senders
         ]
-        replies = {int(r.metadata.src_node_id): r for r in grid.send_and_receive(messages, timeout=round_timeout)}
-        updates: list[ClientUpdate] = []
-        failed: dict[int, str] = {}
-        losses: list[float] = []
-        for client_id, _ in senders:  # in plan order, as the in-process loop appends them
-            reply = replies.get(node_of[client_id])
-            if reply is None or reply.has_error():
-                failed[client_id] = "no reply within round-timeout" if reply is None else reply.error.reason
-                message = f"round {round_idx}: client {client_id} failed: {failed[client_id]}"
-                print(f"[fedlight-flower] {message}", flush=True)
-                continue
-            theirs = str(reply.content.config_records["fedlight.info"]["backbone"])
-            if theirs != backbone:
-                raise RuntimeError(
-                    f"client {client_id} trains a different frozen backbone (digest {theirs} != server {backbone}): "
-                    "every machine needs the same model weights; for random-init models set seed_everything"
-                )
-            m = reply.content.metric_records["fedlight.metrics"]
-            record = reply.content.array_records["fedlight.update"]
-            if arrays:
-                encoded = job.client_pipeline.uplink.encode(record_to_state(record, job.shared_names))
-            else:
-                encoded = record_to_bytes(record)
-            losses.append(float(m["train_loss"]))
-            metrics = {"train_loss": float(m["train_loss"])}
-            updates.append(ClientUpdate(client_id, int(m["num-examples"]), encoded, metrics))
+        replies = list(grid.send_and_receive(messages, timeout=round_timeout))
+        planned = [
+            PlannedReply(c, node_of[c], round_idx, job.dm.client_sizes[c], str(msg.metadata.message_id or ""))
+            for (c, _), msg in zip(senders, messages)
+        ]  # the Grid set each message's id when it pushed it
+        screened = screen_replies(replies, planned, job, global_state, backbone)
+        for client_id, reason in screened.failed.items():
+            print(f"[fedlight-flower] round {round_idx}: client {client_id} failed: {reason}", flush=True)
+        updates, losses, failed = screened.updates, screened.losses, screened.failed
         generator = round_generator(job.seed, round_idx, 0)
         new_global, report = job.server_pipeline.aggregate(global_state, updates, generator)
         fed.privacy.on_round_end()
@@ -308,13 +499,14 @@ def run_server(grid: Grid, job: FedlightJob, out: Path | None, round_timeout: fl
                 raise TooFewClientsError(message)
             print(f"[fedlight-flower] {message}; round skipped, global model unchanged", flush=True)
             new_global = global_state
-        for client_id, reason in report.rejected.items():
-            print(f"[fedlight-flower] round {round_idx}: rejected update of client {client_id}: {reason}", flush=True)
+        rejected = {**screened.rejected, **{f"client {k}": v for k, v in report.rejected.items()}}
+        for who, reason in rejected.items():
+            print(f"[fedlight-flower] round {round_idx}: rejected reply of {who}: {reason}", flush=True)
         global_state = new_global
         row = {
             "round": round_idx,
             "num_clients": len(report.accepted),
-            "rejected": len(report.rejected),
+            "rejected": len(rejected),
             "dropped": len(plan.dropped_before) + len(plan.lost),
             "failed": len(failed),
             "uplink_bytes": report.uplink_bytes,

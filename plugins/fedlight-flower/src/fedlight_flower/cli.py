@@ -2,12 +2,15 @@
 
     fedlight-flower simulate --config x.yaml [--out DIR] [--cpus-per-client 1] [--num-cpus N]
         Flower Simulation Runtime (Ray), one virtual SuperNode per fedlight client (partition-id = client id).
-    fedlight-flower deploy --config x.yaml --out DIR [--superlink HOST] [--port 8000]
-        Write a Flower app directory (pyproject.toml with the run config pointing at the YAML) and a
-        README with the commands that start a SuperLink, one SuperNode per client and ``flwr run``.
-    fedlight-flower local --config x.yaml --out DIR
+    fedlight-flower deploy --config x.yaml --out DIR [--superlink HOST] [--port 8000] [--insecure]
+        Write a Flower app directory (pyproject.toml with the run config pointing at the YAML), TLS
+        material (a CA, the SuperLink's certificate, one authentication key per SuperNode) and a README
+        with the commands that start a TLS SuperLink with SuperNode authentication, register and start
+        one SuperNode per client, and ``flwr run``. ``--insecure``: clear text, no authentication.
+    fedlight-flower local --config x.yaml --out DIR [--insecure]
         That deployment on this machine: SuperLink + one SuperNode per client as local processes
-        (insecure, 127.0.0.1, free ports), ``flwr run``, then everything is shut down.
+        (127.0.0.1 only, free ports, TLS + SuperNode authentication unless --insecure), ``flwr run``,
+        then everything is shut down.
 """
 
 from __future__ import annotations
@@ -18,8 +21,14 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import fedlight_flower  # noqa: F401  (quiet/offline env before flwr is imported)
+import fedlight_flower
+
+if TYPE_CHECKING:
+    from fedlight_flower.tls import TlsFiles
+
+CONNECTION = "fedlight-local"  # the SuperLink connection name in flwr-home/config.toml
 
 
 def simulate(
@@ -107,12 +116,14 @@ Quiet/offline switches (set on every machine):
 
     {env}
 
-1. SuperLink (one machine; one HTTP port, {port}, serves the Fleet, Control and Runtime APIs):
+{security}
+
+1. SuperLink (one machine; one port, {port}, serves the Fleet, Control and Runtime APIs):
 
     {superlink}
-
+{register}
 2. One SuperNode per fedlight client K = 0..{last} (any machine that can reach the SuperLink; 9094 is
-   the SuperNode's own Runtime API port, pick another for a second SuperNode on the same machine):
+   the SuperNode's own Runtime API port on its 127.0.0.1, pick another for a second SuperNode on one machine):
 
     {supernode}
 
@@ -122,11 +133,30 @@ Quiet/offline switches (set on every machine):
 
 Results (global_state.safetensors, rounds.csv, rounds.json) are written by the ServerApp, i.e. on the
 SuperLink machine, to the run config's `out`.
-
-TLS: drop `--insecure`; give the SuperLink `--ssl-ca-certfile ca.crt --ssl-certfile server.pem
---ssl-keyfile server.key` and each SuperNode `--root-certificates ca.crt`; in `flwr-home/config.toml`
-replace `insecure = true` with `root-certificates = "ca.crt"`.
 """
+
+SECURITY_TLS = """\
+Security: TLS with a CA made for this deployment ({tls}/ca.crt; its private key was never written),
+the SuperLink certificate {tls}/server.pem for {hosts}, and SuperNode authentication: only
+SuperNodes whose public keys are registered (step 1b) may connect. Copy `ca.crt` and `supernode-K.key`
+(nothing else) to SuperNode K's machine, at the same path or adjust the command; `server.key`
+stays on the SuperLink machine. Every `*.key` file is a secret (written with mode 0600)."""
+
+SECURITY_INSECURE = """\
+Security: NONE (written with --insecure). Updates travel in clear text and any machine that reaches
+port {port} can join as a SuperNode. Use this only for a test on a trusted network."""
+
+REGISTER = """
+1b. Register each SuperNode's public key (after the SuperLink is up, from the machine that has this
+    directory), K = 0..{last}:
+
+    {register}
+"""
+
+
+def _shell(argv: list[str]) -> str:
+    """A shell line; arguments holding ``$K`` are double-quoted so the shell expands them."""
+    return " ".join(f'"{a}"' if "$K" in a else shlex.quote(a) for a in argv)
 
 
 def _num_clients(config: Path) -> int:
@@ -137,9 +167,21 @@ def _num_clients(config: Path) -> int:
 
 
 def deploy(
-    config: str | Path, out: str | Path, superlink: str = "127.0.0.1", port: int = 8000, results: str | Path | None = None
+    config: str | Path,
+    out: str | Path,
+    superlink: str = "127.0.0.1",
+    port: int = 8000,
+    results: str | Path | None = None,
+    insecure: bool = False,
 ) -> Path:
-    """Write a Flower app directory for ``config`` to ``out`` (pyproject.toml, README.md, flwr-home/); returns it."""
+    """Write a Flower app directory for ``config`` to ``out``; returns it.
+
+    ``out`` gets pyproject.toml, README.md (the commands), flwr-home/config.toml (the connection
+    ``flwr run`` uses) and, unless ``insecure``, tls/ (see :mod:`fedlight_flower.tls`; files already
+    there that still cover ``superlink`` are kept, so re-running deploy does not lock out a running deployment).
+    """
+    from fedlight_flower.tls import ensure_tls, san_names
+
     config = Path(config).resolve()
     if not config.is_file():
         from fedlight.errors import ConfigError
@@ -150,59 +192,99 @@ def deploy(
     num_clients = _num_clients(config)
     name = "fedlight-" + "".join(ch if ch.isalnum() else "-" for ch in config.stem).strip("-").lower()
     results = Path(results).resolve() if results else out / "results"
+    tls = None if insecure else ensure_tls(out / "tls", [superlink], num_clients)
     (out / "pyproject.toml").write_text(PYPROJECT.format(config=config, out=results, name=name))
     (out / "flwr-home").mkdir(exist_ok=True)
-    (out / "flwr-home" / "config.toml").write_text(flwr_config_toml(superlink, port))
+    (out / "flwr-home" / "config.toml").write_text(
+        flwr_config_toml(superlink, port, root_certificates=tls.ca_cert if tls else None)
+    )
     env = " ".join(f"{k}={v}" for k, v in fedlight_flower.QUIET_ENV.items())
-    commands = superlink_commands(superlink, num_clients, port)
+    commands = superlink_commands(superlink, num_clients, port, tls=tls)
+    last = num_clients - 1
+    flwr_home = f"FLWR_HOME={out / 'flwr-home'}"
+    if tls:
+        security = SECURITY_TLS.format(tls=tls.directory, hosts=", ".join(san_names([superlink])))
+        register = REGISTER.format(last=last, register=f"{flwr_home} {_shell(commands['register']('$K'))}")
+    else:
+        security, register = SECURITY_INSECURE.format(port=port), ""
     (out / "README.md").write_text(
         README.format(
             name=name,
             config=config,
             env=f"export {env}",
+            security=security,
             port=port,
-            superlink=shlex.join(commands["superlink"]),
-            supernode=shlex.join(commands["supernode"](0)[:-4])
-            + f' --port 9094 --node-config "partition-id=$K num-partitions={num_clients}"',
-            last=num_clients - 1,
-            run=f"FLWR_HOME={out / 'flwr-home'} flwr run {out} fedlight-local --stream",
+            superlink=_shell(commands["superlink"]),
+            register=register,
+            supernode=_shell(commands["supernode"]("$K", 9094)),
+            last=last,
+            run=f"{flwr_home} flwr run {out} {CONNECTION} --stream",
         )
     )
     return out
 
 
-def superlink_commands(host: str, num_clients: int, port: int = 8000, bind: str = "0.0.0.0") -> dict:
-    """argv of the SuperLink and of SuperNode k (insecure: local testing; the README and docs show TLS).
+def superlink_commands(
+    host: str, num_clients: int, port: int = 8000, bind: str = "0.0.0.0", tls: TlsFiles | None = None
+) -> dict:
+    """argv of the SuperLink, of SuperNode k and of registering SuperNode k's key; TLS unless ``tls`` is None.
 
-    From flwr 1.40 the SuperLink serves the Fleet, Control and Runtime APIs over one HTTP port
+    From flwr 1.40 the SuperLink serves the Fleet, Control and Runtime APIs over one HTTP(S) port
     (``--host``/``--port``: ``bind`` and ``port``); SuperNodes reach it at ``host:port``; each SuperNode has
-    its own Runtime API port (``--port``, for its ClientApp processes) on its own machine.
+    its own Runtime API port (``--port``, for its ClientApp processes) on 127.0.0.1 of its own machine.
+    With ``tls`` the SuperLink serves HTTPS with ``--enable-supernode-auth``: in flwr 1.42 SuperNode keys are
+    registered through the Control API (``flwr supernode register``), and each SuperNode signs with its key.
     """
+    security = (
+        ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.server_cert),
+         "--ssl-keyfile", str(tls.server_key), "--enable-supernode-auth"]
+        if tls else ["--insecure"]
+    )  # fmt: skip
     superlink = [
-        "flower-superlink", "--insecure", "--disable-runtime-dependency-installation", "--host", bind, "--port", str(port),
+        "flower-superlink", *security, "--disable-runtime-dependency-installation", "--host", bind, "--port", str(port),
     ]  # fmt: skip
 
-    def supernode(k: int, node_port: int = 9094) -> list[str]:
+    def node_key(k: int | str) -> Path:
+        if tls is None:
+            raise ValueError("an insecure deployment has no SuperNode keys (SuperNode authentication needs TLS)")
+        return tls.directory / f"supernode-{k}.key"
+
+    def supernode(k: int | str, node_port: int = 9094) -> list[str]:
+        node_security = (
+            ["--root-certificates", str(tls.ca_cert), "--auth-supernode-private-key", str(node_key(k))]
+            if tls else ["--insecure"]
+        )  # fmt: skip
         return [
-            "flower-supernode", "--insecure", "--superlink", f"{host}:{port}", "--port", str(node_port),
-            "--node-config", f"partition-id={k} num-partitions={num_clients}",
+            "flower-supernode", *node_security, "--superlink", f"{host}:{port}", "--host", "127.0.0.1",
+            "--port", str(node_port), "--node-config", f"partition-id={k} num-partitions={num_clients}",
         ]  # fmt: skip
 
-    return {"superlink": superlink, "supernode": supernode}
+    def register(k: int | str, connection: str = CONNECTION) -> list[str]:
+        return ["flwr", "supernode", "register", str(node_key(k).with_suffix(".pub")), connection]
+
+    return {"superlink": superlink, "supernode": supernode, "register": register}
 
 
-def flwr_config_toml(host: str, port: int = 8000, name: str = "fedlight-local") -> str:
-    """``$FLWR_HOME/config.toml`` naming the SuperLink connection ``flwr run`` submits to."""
-    return f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{host}:{port}"\ninsecure = true\n'
+def flwr_config_toml(
+    host: str, port: int = 8000, name: str = CONNECTION, root_certificates: str | Path | None = None
+) -> str:
+    """``$FLWR_HOME/config.toml`` naming the SuperLink connection ``flwr run`` submits to (TLS when given a CA)."""
+    import json  # a JSON string is a valid TOML basic string (quotes and backslashes escaped)
+
+    security = f"root-certificates = {json.dumps(str(root_certificates))}" if root_certificates else "insecure = true"
+    return f'[superlink]\ndefault = "{name}"\n\n[superlink.{name}]\naddress = "{host}:{port}"\n{security}\n'
 
 
-def local(config: str | Path, out: str | Path, timeout: float = 1800) -> Path:
-    """A real deployment on this machine: SuperLink + one SuperNode per client + ``flwr run``; returns results dir."""
+def local(config: str | Path, out: str | Path, timeout: float = 1800, insecure: bool = False) -> Path:
+    """A real deployment on this machine (127.0.0.1 only; TLS + SuperNode auth unless ``insecure``); returns results."""
     from fedlight_flower.local import LocalDeployment
+    from fedlight_flower.tls import existing_tls
 
     out = Path(out).resolve()
-    app = deploy(config, out / "app", results=out / "results")
-    with LocalDeployment(app, _num_clients(Path(config)), out / "logs") as deployment:
+    num_clients = _num_clients(Path(config))
+    app = deploy(config, out / "app", superlink="127.0.0.1", results=out / "results", insecure=insecure)
+    tls = None if insecure else existing_tls(app / "tls", ["127.0.0.1"], num_clients)
+    with LocalDeployment(app, num_clients, out / "logs", tls=tls) as deployment:
         code = deployment.run(timeout)
     if code != 0 or not (out / "results" / "global_state.safetensors").exists():
         raise RuntimeError(f"flwr run failed (exit {code}); logs in {out / 'logs'}")
@@ -221,11 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     dep.add_argument("--config", required=True)
     dep.add_argument("--out", required=True)
     dep.add_argument("--superlink", default="127.0.0.1", help="address SuperNodes and `flwr run` reach the SuperLink at")
-    dep.add_argument("--port", type=int, default=8000, help="the SuperLink's HTTP port")
+    dep.add_argument("--port", type=int, default=8000, help="the SuperLink's HTTPS port")
+    dep.add_argument(
+        "--insecure", action="store_true",
+        help="no TLS and no SuperNode authentication (clear text; anyone reaching the port can join): tests only",
+    )  # fmt: skip
     loc = sub.add_parser("local", help="deploy on this machine: SuperLink + one SuperNode per client + flwr run")
     loc.add_argument("--config", required=True)
     loc.add_argument("--out", required=True)
     loc.add_argument("--timeout", type=float, default=1800)
+    loc.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication (still 127.0.0.1)")
     args = parser.parse_args(argv)
     from fedlight.errors import ConfigError
 
@@ -235,10 +322,10 @@ def main(argv: list[str] | None = None) -> int:
             simulate(args.config, args.out, args.cpus_per_client, args.num_cpus)
             print(f"[fedlight-flower] simulation finished in {time.perf_counter() - t0:.1f}s")
         elif args.command == "deploy":
-            path = deploy(args.config, args.out, args.superlink, args.port)
+            path = deploy(args.config, args.out, args.superlink, args.port, insecure=args.insecure)
             print(f"[fedlight-flower] wrote Flower app {path} (see {path / 'README.md'})")
         else:
-            results = local(args.config, args.out, args.timeout)
+            results = local(args.config, args.out, args.timeout, insecure=args.insecure)
             print(f"[fedlight-flower] deployment finished in {time.perf_counter() - t0:.1f}s; results in {results}")
     except ConfigError as err:
         print(f"fedlight-flower: error: {err}", file=sys.stderr)

@@ -3,7 +3,10 @@
 Each process starts in its own session (process group) and :meth:`LocalDeployment.close` ends every
 group with SIGTERM, then SIGKILL after ``grace`` seconds, so nothing outlives the run (Flower's
 SuperLink/SuperNode start ``flower-superexec`` and ``flwr-serverapp``/``flwr-clientapp`` children).
-Insecure (no TLS): for a laptop, a test or CI; docs/flower.md shows the TLS flags for real deployments.
+Everything binds to 127.0.0.1. With ``tls`` (what ``fedlight flower local`` passes unless ``--insecure``)
+the SuperLink serves HTTPS with the deployment's certificate and SuperNode authentication, each
+SuperNode's key is registered with ``flwr supernode register`` before it starts, and ``flwr run`` checks
+the SuperLink's certificate against the deployment's CA: exactly the multi-machine setup.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import fedlight_flower
+from fedlight_flower.cli import CONNECTION
 
-CONNECTION = "fedlight-local"
+if TYPE_CHECKING:
+    from fedlight_flower.tls import TlsFiles
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -43,12 +49,21 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen |
 class LocalDeployment:
     """``with LocalDeployment(app_dir, num_nodes, workdir) as d: d.run()`` -> exit code of ``flwr run``."""
 
-    def __init__(self, app_dir: str | Path, num_nodes: int, workdir: str | Path, host: str = "127.0.0.1", grace: float = 5.0):
+    def __init__(
+        self,
+        app_dir: str | Path,
+        num_nodes: int,
+        workdir: str | Path,
+        host: str = "127.0.0.1",
+        grace: float = 5.0,
+        tls: TlsFiles | None = None,
+    ):
         self.app_dir = Path(app_dir)
         self.num_nodes = num_nodes
         self.workdir = Path(workdir)
         self.host = host
         self.grace = grace
+        self.tls = tls
         self.port = free_port(host)
         self.node_ports = [free_port(host) for _ in range(num_nodes)]
         self.procs: list[subprocess.Popen] = []
@@ -70,13 +85,25 @@ class LocalDeployment:
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.flwr_home.mkdir(exist_ok=True)
-        (self.flwr_home / "config.toml").write_text(flwr_config_toml(self.host, self.port, CONNECTION))
-        commands = superlink_commands(self.host, self.num_nodes, self.port, bind=self.host)
+        ca = self.tls.ca_cert if self.tls else None
+        (self.flwr_home / "config.toml").write_text(flwr_config_toml(self.host, self.port, CONNECTION, ca))
+        commands = superlink_commands(self.host, self.num_nodes, self.port, bind=self.host, tls=self.tls)
         link = self._spawn(commands["superlink"], "superlink.log")
         wait_for_port(self.host, self.port, timeout, link)
+        if self.tls:  # SuperNode authentication: only registered keys may connect
+            for k in range(self.num_nodes):
+                self.register(commands["register"](k), timeout)
         for k, node_port in enumerate(self.node_ports):
             self._spawn(commands["supernode"](k, node_port), f"supernode-{k}.log")
         return self
+
+    def register(self, argv: list[str], timeout: float = 60) -> None:
+        """Run ``flwr supernode register ...`` against the SuperLink (log: ``register.log``); raise if it fails."""
+        with (self.workdir / "register.log").open("a") as log:
+            done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, timeout=timeout, check=False)
+        code = done.returncode
+        if code != 0:
+            raise RuntimeError(f"{' '.join(argv)} failed (exit {code}); see {self.workdir / 'register.log'}")
 
     def run(self, timeout: float = 600) -> int:
         """``flwr run <app> fedlight-local --stream``; its log is ``flwr-run.log``."""
@@ -112,7 +139,7 @@ class LocalDeployment:
             except (ProcessLookupError, PermissionError):
                 pass
 
-    def __enter__(self) -> LocalDeployment:
+    def __enter__(self) -> LocalDeployment:  # noqa: PYI034 (typing.Self needs Python 3.11)
         try:
             return self.start()
         except BaseException:
