@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import read_rounds, round_callback, run_fit, text_config
+
 from fedlight.tasks.dpo import DPO, dpo_loss
 
 PAIRS = [
@@ -141,7 +141,7 @@ def test_files_dataset_reads_preference_jsonl_with_metadata(tmp_path):
         Files(str(bad), metadata=["category"]).load()
 
 
-COLOURS = "red green blue yellow black white orange purple".split()
+COLOURS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple"]
 
 
 def test_federated_dpo_run_raises_reward_accuracy(tiny_gpt2_dir, tmp_path):

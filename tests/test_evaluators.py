@@ -8,8 +8,8 @@ from decimal import Decimal
 import numpy as np
 import pytest
 import torch
-
 from conftest import read_rounds, round_callback, run_fit, text_config
+
 from fedlight.evaluators.base import resolve_data_path
 from fedlight.evaluators.multiple_choice import MultipleChoice
 from fedlight.evaluators.numeric_match import NumericMatch, final_number
@@ -83,7 +83,7 @@ def test_final_number_on_generated_texts():
         expected = Decimal(rendered[-1].replace(",", ""))
         assert final_number(text) == expected, text
     assert final_number("no digits here") is None
-    assert final_number("work: 3 + 4 = 7\n#### 1,024") == Decimal("1024")
+    assert final_number("work: 3 + 4 = 7\n#### 1,024") == Decimal(1024)
     assert final_number("72.0") == final_number("The answer is 72")
 
 

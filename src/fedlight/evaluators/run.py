@@ -18,12 +18,12 @@ def evaluate_adapter(config: str | Path, adapter: str | Path | None = None) -> t
     ``federation.export_every`` (peft or fedlight layout, loaded with :func:`fedlight.core.export.load_adapter`);
     without it the base itself is scored (the before-training baseline).
     """
-    from fedlight.cli import run_cli
-    from fedlight.core.export import ADAPTER_JSON, load_adapter, read_adapter_info
-
     import tempfile
 
     import yaml
+
+    from fedlight.cli import run_cli
+    from fedlight.core.export import ADAPTER_JSON, load_adapter, read_adapter_info
 
     try:
         cfg = yaml.safe_load(Path(config).read_text())
