@@ -69,14 +69,12 @@ class Cell:
 
 
 def cells(args: argparse.Namespace) -> list[Cell]:
-    """Seed 0 of everything first (the table's breadth), then the extra seeds."""
+    """Seed 0 of everything first (the table's breadth, one setting across all methods at a time), then extra seeds."""
     settings = [(p, dp, 0.0) for p in PARTITIONS for dp in (False, True)] + [("dir0.1", False, args.dropout)]
     out = []
     for seed in range(args.seeds):
-        for method in METHODS:
-            if seed > 0 and method not in MULTI_SEED:
-                continue
-            out += [Cell(method, p, dp, drop, seed) for p, dp, drop in settings]
+        for p, dp, drop in settings:  # one setting for every method before the next setting
+            out += [Cell(m, p, dp, drop, seed) for m in METHODS if seed == 0 or m in MULTI_SEED]
     if args.only:
         out = [c for c in out if c.method in args.only]
     return out

@@ -108,7 +108,7 @@ class ImageClassification(Task):
             own = model.state_dict()
             loaded = adapt_state(model, loaded)
             usable = {k: v for k, v in loaded.items() if k in own and own[k].shape == v.shape}
-            missing = [k for k in own if k not in usable]
+            missing = [k for k in own if k not in usable and not k.endswith("num_batches_tracked")]
             head = self.head_modules(model)
             not_head = [k for k in missing if not any(k.startswith(h + ".") for h in head)]
             if not_head:
