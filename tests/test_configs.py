@@ -34,7 +34,7 @@ def shrink(cfg: dict, tmp_path: Path, tiny_bert_dir: Path, tiny_gpt2_dir: Path) 
     task = cfg["model"]["task"]
     if _class_name(task) == "text_classification":
         task.setdefault("init_args", {})["model_name_or_path"] = str(tiny_bert_dir)
-    if _class_name(task) == "causal_lm":
+    if _class_name(task) in ("causal_lm", "dpo"):
         task["init_args"].update(
             model_name_or_path=str(tiny_gpt2_dir), max_length=32, max_new_tokens=4, generate_max_examples=4
         )
@@ -43,6 +43,8 @@ def shrink(cfg: dict, tmp_path: Path, tiny_bert_dir: Path, tiny_gpt2_dir: Path) 
         dataset.setdefault("init_args", {})["max_per_class"] = 10
     if _class_name(dataset) == "chatterbot_dialogue":
         dataset.setdefault("init_args", {})["max_pairs"] = 40
+    if _class_name(dataset) == "chatterbot_preferences":
+        dataset.setdefault("init_args", {})["max_pairs"] = 80
     if _class_name(dataset) == "fashion_mnist":
         dataset.setdefault("init_args", {}).update(max_train=40, max_val=20)
     return cfg
