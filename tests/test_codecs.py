@@ -189,6 +189,48 @@ def test_wire_format_is_versioned_and_other_versions_are_rejected() -> None:
         Int8Codec().decode(b"PK\x03\x04" + payload[4:])
 
 
+def test_layout_is_exactly_what_encode_writes(codec: Codec) -> None:
+    """The layout a decoder checks against is the encoder's own, and the payload-size bound is exact."""
+    g = torch.Generator().manual_seed(4)
+    state = {**_state(), "scalar": torch.tensor(1.5), "empty": torch.zeros(0, 3), "odd": torch.randn(3, 7, generator=g)}
+    spec = wire.spec_of(state, torch.float32)
+    payload = codec.encode(state)
+    layout = codec.layout(spec)
+    if layout is None:  # compress: the stream length depends on the data; the bound must still hold
+        assert codec.max_payload_bytes(spec) >= len(payload)
+    else:
+        header = json.loads(payload[8:_header_end(payload)])
+        assert [(e["name"], e["dtype"], e["shape"]) for e in header["buffers"]] == [
+            (b.name, wire.dtype_name(b.dtype), list(b.shape)) for b in layout
+        ]
+        assert codec.max_payload_bytes(spec) == len(payload)
+    for reference in (state, spec):
+        _check_close(codec, state, codec.decode(payload, reference=reference))
+
+
+def test_decoding_against_another_reference_is_a_payload_error(codec: Codec) -> None:
+    """Right format, wrong global state (shape, zero dimension, name, order, count): rejected, never decoded."""
+    state = _state()
+    payload = codec.encode(state)
+    a, b = list(state)
+    others = [
+        {a: torch.zeros(8, 23), b: state[b]},
+        {a: torch.zeros(24, 8), b: state[b]},
+        {a: torch.zeros(0, 24), b: state[b]},
+        {a: torch.zeros(8, 24, 0), b: state[b]},
+        {a: state[a], "other": state[b]},
+        {b: state[b], a: state[a]},
+        {a: state[a]},
+        {**state, "extra": torch.zeros(2)},
+        {},
+    ]
+    for reference in others:
+        with pytest.raises(wire.PayloadError):
+            codec.decode(payload, reference=reference)
+    with pytest.raises(wire.PayloadError):  # a decoded dtype the reference does not allow
+        codec.decode(payload, reference={k: wire.TensorSpec(tuple(v.shape), torch.float64) for k, v in state.items()})
+
+
 def test_payload_of_another_codec_rejected(codec: Codec) -> None:
     other = Int8Codec() if codec.name != "int8" else Bf16Codec()
     with pytest.raises(wire.PayloadError, match="codec"):
