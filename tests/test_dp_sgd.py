@@ -8,10 +8,10 @@ import dp_accounting
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_VIT, read_rounds, round_callback, run_fit, vision_config
 from dp_accounting import rdp
 from torch import nn
 
-from conftest import TINY_VIT, read_rounds, round_callback, run_fit, vision_config
 from fedlight.privacy.base import RunSpec
 from fedlight.privacy.dp_sgd import DPSGD, clip_per_sample, per_sample_gradients
 from fedlight.tasks.base import StepOutput, Task
@@ -46,7 +46,7 @@ def test_vmap_per_sample_grads_equal_a_loop_of_single_example_grads():
         for n, p in model.named_parameters():
             if p.requires_grad:
                 torch.testing.assert_close(grads[n][i], p.grad, rtol=1e-5, atol=1e-7)
-    loop, loop_losses = per_sample_gradients(model, _Toy(), batch, "loop")
+    loop, _ = per_sample_gradients(model, _Toy(), batch, "loop")
     for n in names:
         torch.testing.assert_close(grads[n], loop[n], rtol=1e-5, atol=1e-7)
     # and they average to the batch gradient
