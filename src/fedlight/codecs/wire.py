@@ -134,6 +134,7 @@ MAX_BUFFERS = 2**20
 MAX_NAME_CHARS = 4096
 _ENTRY_KEYS = frozenset({"name", "dtype", "shape", "nbytes"})
 _STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 _DEPTH_STEP = np.zeros(256, dtype=np.int8)
 _DEPTH_STEP[[ord("["), ord("{")]] = 1
 _DEPTH_STEP[[ord("]"), ord("}")]] = -1
@@ -190,7 +191,7 @@ def payload_size(layout: list[BufferSpec], meta: dict[str, Any]) -> int:
 
 def _json_depth(raw: bytes) -> int:
     """Deepest bracket nesting of a JSON text, without parsing it (so without recursion)."""
-    skeleton = _STRING.sub(b'""', raw).translate(None, delete=bytes(c for c in range(256) if c not in b"[]{}"))
+    skeleton = _STRING.sub(b'""', raw).translate(None, delete=_NOT_BRACKETS)
     depth, deepest = 0, 0
     steps = _DEPTH_STEP[np.frombuffer(skeleton, dtype=np.uint8)]
     for chunk in range(0, len(steps), 1 << 20):  # chunked: a hostile header of brackets stays cheap
