@@ -189,6 +189,12 @@ def _tampered(msg, reply, **records):
     return Message(RecordDict(content), reply_to=msg)
 
 
+def _foreign_node(msg, rng) -> int:
+    """A node id nobody was asked from, distinct per client (the screen counts one rejection per foreign node)."""
+    client = int(msg.content.config_records["fedlight.config"]["client-id"])
+    return UNKNOWN_NODE + 1000 * client + rng.randrange(1000)
+
+
 def _with_meta(reply, **fields):
     for name, value in fields.items():
         reply.metadata.__dict__[f"_{name}"] = value  # what a forged or replayed message would carry
@@ -306,8 +312,8 @@ REPLY_CASES = [
     ("another backbone", _edit("info", _set("backbone", lambda v: ["0" * 16, v["backbone"][::-1], 7])), True, 1, 0),
     ("the same reply twice", lambda m, r, g: [r, r], True, 1, 0),
     ("two different replies", lambda m, r, g: [r, *_edit("metrics", _forge_count)(m, r, g)], True, 1, 0),
-    ("from a node never asked", lambda m, r, g: [_with_meta(r, src_node_id=UNKNOWN_NODE + g.randrange(99))], True, 1, 1),
-    ("plus a copy from a node never asked", lambda m, r, g: [r, _with_meta(_tampered(m, r), src_node_id=UNKNOWN_NODE)], False, 1, 0),
+    ("from a node never asked", lambda m, r, g: [_with_meta(r, src_node_id=_foreign_node(m, g))], True, 1, 1),
+    ("plus a copy from a node never asked", lambda m, r, g: [r, _with_meta(_tampered(m, r), src_node_id=_foreign_node(m, g))], False, 1, 0),
     ("stale round", lambda m, r, g: [_with_meta(r, group_id=str(int(r.metadata.group_id) - g.randint(1, 3)))], True, 1, 0),
     ("reply to another message", lambda m, r, g: [_with_meta(r, reply_to_message_id=uuid.UUID(int=g.getrandbits(128)).hex)], True, 1, 0),
     ("wrong message type", lambda m, r, g: [_with_meta(r, message_type=g.choice(["query", "evaluate"]))], True, 1, 0),
@@ -598,15 +604,11 @@ def _tls_superlink(tmp_path, nodes: int = 2):
     return deployment, commands, tls, wait_for_port
 
 
-@pytest.mark.slow
-def test_tls_superlink_handshake_and_supernode_authentication(tmp_path):
+def test_tls_superlink_handshake(tmp_path):
     """A real SuperLink with the generated certificates: a TLS handshake that checks the CA and the SAN
-    127.0.0.1 succeeds, one without the CA and a clear-text request fail; a SuperNode whose key was
-    registered activates, one with an unregistered key is refused."""
+    127.0.0.1 succeeds; one trusting only the system CAs fails; a clear-text request gets no HTTP answer."""
     import socket
     import ssl
-
-    from fedlight_flower.cli import flwr_config_toml
 
     deployment, commands, tls, wait_for_port = _tls_superlink(tmp_path)
     host, port = "127.0.0.1", deployment.port
@@ -628,6 +630,21 @@ def test_tls_superlink_handshake_and_supernode_authentication(tmp_path):
             except OSError:
                 answer = b""
             assert not answer.startswith(b"HTTP/")
+    finally:
+        deployment.close()
+
+
+@pytest.mark.slow
+def test_supernode_authentication(tmp_path):
+    """SuperNode authentication on a real TLS SuperLink: a SuperNode whose key was registered with
+    `flwr supernode register` activates; one with an unregistered key is refused."""
+    from fedlight_flower.cli import flwr_config_toml
+
+    deployment, commands, tls, wait_for_port = _tls_superlink(tmp_path)
+    host, port = "127.0.0.1", deployment.port
+    try:
+        link = deployment._spawn(commands["superlink"], "superlink.log")
+        wait_for_port(host, port, 60, link)
         (deployment.flwr_home / "config.toml").write_text(flwr_config_toml(host, port, root_certificates=tls.ca_cert))
         deployment.register(commands["register"](0), timeout=60)
         good = deployment._spawn(commands["supernode"](0, deployment.node_ports[0]), "supernode-0.log")
@@ -660,10 +677,12 @@ def live_members(groups: set[int]) -> list[int]:
 
 @pytest.mark.slow
 def test_local_deployment_superlink_and_supernodes(tmp_path):
-    """A SuperLink and 2 SuperNodes as local processes (insecure, free ports), one round through `flwr run`,
-    then every process group is gone within a bounded time."""
+    """A SuperLink and 2 SuperNodes as local processes on 127.0.0.1 with deploy's TLS material and SuperNode
+    authentication (keys registered), one round through `flwr run`, then every process group is gone
+    within a bounded time."""
     from fedlight_flower.cli import deploy
     from fedlight_flower.local import LocalDeployment
+    from fedlight_flower.tls import existing_tls
     from safetensors.torch import load_file
 
     cfg = flower_config(
@@ -671,11 +690,13 @@ def test_local_deployment_superlink_and_supernodes(tmp_path):
     )
     config = write(cfg, tmp_path / "job.yaml")
     app = deploy(config, tmp_path / "app", results=tmp_path / "results")
-    deployment = LocalDeployment(app, 2, tmp_path / "logs", grace=3)
+    tls = existing_tls(app / "tls", ["127.0.0.1"], 2)
+    assert tls is not None
+    deployment = LocalDeployment(app, 2, tmp_path / "logs", grace=3, tls=tls)
     deployment.env["OMP_NUM_THREADS"] = "1"  # the same float reductions as in_process_state: bit-identical
     try:
         deployment.start()
-        code = deployment.run(timeout=240)
+        code = deployment.run(timeout=480)  # minutes on a loaded 2-core machine: a process per message
         assert code == 0, deployment.logs()
     finally:
         t0 = time.monotonic()
@@ -691,4 +712,7 @@ def test_local_deployment_superlink_and_supernodes(tmp_path):
     for name in expected:
         torch.testing.assert_close(got[name].float(), expected[name].float(), rtol=0, atol=1e-6)
     rows = yaml.safe_load((tmp_path / "results" / "rounds.json").read_text())
-    assert [r["round"] for r in rows] == [1] and rows[0]["num_clients"] == 1
+    assert [r["round"] for r in rows] == [1] and rows[0]["num_clients"] == 1 and rows[0]["rejected"] == 0
+    link_log = (tmp_path / "logs" / "superlink.log").read_text()
+    assert "Uvicorn running on https://127.0.0.1" in link_log  # HTTPS only
+    assert link_log.count("Activated node_id") == 2  # both SuperNodes authenticated with registered keys
