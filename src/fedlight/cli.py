@@ -278,8 +278,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"fedlight: error: {err}", file=sys.stderr)
         return 2
-    except StorageError as err:  # a read-only, full or blocked run directory: one line, files intact
-        print(f"fedlight: error: {err}", file=sys.stderr)
+    except (StorageError, OSError) as err:  # a read-only, full or blocked run directory: one line, files intact
+        from fedlight.core.storage import as_storage_error
+
+        if (storage := as_storage_error(err)) is None:
+            raise
+        print(f"fedlight: error: {storage}", file=sys.stderr)
         return 1
     return 0
 
