@@ -59,15 +59,21 @@ def storage_error(err: OSError, path: str | os.PathLike, action: str = "write") 
     )
 
 
-def _as_os_error(err: BaseException) -> OSError | None:
-    """The OS error behind ``err``: itself, or the one safetensors' Rust writer reports as text."""
-    if isinstance(err, OSError):
-        return err
+def _as_os_error(err: BaseException | None) -> OSError | None:
+    """The OS error behind ``err``: itself, one it was raised from or while handling (torch's zip
+    writer turns a failed ``write`` into a ``RuntimeError``), or the one safetensors' Rust writer
+    reports only as text."""
     from safetensors import SafetensorError
 
-    if isinstance(err, SafetensorError) and (found := re.search(r"os error (\d+)", str(err))):
-        code = int(found.group(1))
-        return OSError(code, os.strerror(code))
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError):
+            return err
+        if isinstance(err, SafetensorError) and (found := re.search(r"os error (\d+)", str(err))):
+            code = int(found.group(1))
+            return OSError(code, os.strerror(code))
+        err = err.__cause__ or err.__context__
     return None
 
 
@@ -83,6 +89,17 @@ def storage_errors(path: str | os.PathLike, action: str = "write") -> Iterator[N
         if os_error is None:
             raise
         raise storage_error(os_error, path, action) from err
+
+
+def as_storage_error(err: BaseException) -> StorageError | None:
+    """``err`` as a :class:`StorageError` if it is one, or an ``OSError`` of a disk that is full,
+    read-only or blocked by a file (raised by a library's own writer, e.g. Lightning's logger);
+    ``None`` for anything else (a missing input file stays what it is)."""
+    if isinstance(err, StorageError):
+        return err
+    if isinstance(err, OSError) and err.errno in _FULL | _READ_ONLY | _BLOCKED and err.filename:
+        return storage_error(err, err.filename, "write to")
+    return None
 
 
 def ensure_dir(path: str | os.PathLike) -> Path:
@@ -231,12 +248,12 @@ def remove_stale_tmp(directory: str | os.PathLike, pattern: str = "*" + TMP_SUFF
 
 
 def release_loggers(trainer, exception: BaseException) -> None:
-    """After a :class:`StorageError`, flush each logger now and drop those that cannot write either.
+    """After a storage failure, flush each logger now and drop those that cannot write either.
 
     Lightning finalises (writes) every logger after an exception; a logger on the same broken disk
     would raise a second ``OSError`` that hides the first, clear, message.
     """
-    if not isinstance(exception, StorageError):
+    if as_storage_error(exception) is None:
         return
     keep = []
     for logger in trainer.loggers:
