@@ -140,7 +140,9 @@ Security: TLS with a CA made for this deployment ({tls}/ca.crt; its private key 
 the SuperLink certificate {tls}/server.pem for {hosts}, and SuperNode authentication: only
 SuperNodes whose public keys are registered (step 1b) may connect. Copy `ca.crt` and `supernode-K.key`
 (nothing else) to SuperNode K's machine, at the same path or adjust the command; `server.key`
-stays on the SuperLink machine. Every `*.key` file is a secret (written with mode 0600)."""
+stays on the SuperLink machine. Every `*.key` file is a secret (written with mode 0600).
+flwr 1.42's Control API (same port: `flwr run`, `flwr supernode register`) has no account
+authentication in the open-source build: restrict port {port} to the SuperNode machines and yours."""
 
 SECURITY_INSECURE = """\
 Security: NONE (written with --insecure). Updates travel in clear text and any machine that reaches
@@ -203,7 +205,7 @@ def deploy(
     last = num_clients - 1
     flwr_home = f"FLWR_HOME={out / 'flwr-home'}"
     if tls:
-        security = SECURITY_TLS.format(tls=tls.directory, hosts=", ".join(san_names([superlink])))
+        security = SECURITY_TLS.format(tls=tls.directory, hosts=", ".join(san_names([superlink])), port=port)
         register = REGISTER.format(last=last, register=f"{flwr_home} {_shell(commands['register']('$K'))}")
     else:
         security, register = SECURITY_INSECURE.format(port=port), ""
