@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from conftest import text_config, vision_config
+
 from fedlight.cli import main
 
 T = "text"
@@ -18,7 +18,13 @@ CASES = [
     ("unknown-dataset", T, {"data": {"dataset": "imagenet"}}, "data.dataset: unknown dataset"),
     ("unknown-partitioner", T, {"data": {"partitioner": "zipf"}}, "data.partitioner: unknown partitioner"),
     ("unknown-task", T, {"model": {"task": {"class_path": "segmentation"}}}, "model.task: unknown task"),
-    ("unsafe-class-path", T, {"trainer": {"callbacks": [{"class_path": "os.system"}]}}, "'os.system' is neither"),
+    ("unsafe-class-path", T, {"trainer": {"callbacks": [{"class_path": "os.system"}]}}, "import path 'os.system' is not allowed"),
+    ("reexported-class-path", T, {"trainer": {"callbacks": [{"class_path": "fedlight.cli.os.system"}]}}, "import path 'posix.system' is not allowed"),
+    ("max-epochs", T, {"trainer": {"max_epochs": 5}}, "trainer.max_epochs is set by fedlight from federation.rounds"),
+    ("typo-key", T, {"federation": {"round": 3}}, "unknown config key 'federation.round'; did you mean federation.rounds"),
+    ("typo-init-arg", T, {"model": {"peft": {"class_path": "lora", "init_args": {"rr": 2}}}}, "model.peft.init_args.rr: LoRA has no argument 'rr'; did you mean r?"),
+    ("compute-tiers-fraction", T, {"federation": {"compute_tiers": {"fractions": [2.0]}}}, "federation.compute_tiers.fractions must be in (0, 1]"),
+    ("model-package-not-a-distribution", T, {"model": {"task": {"class_path": "text_classification", "init_args": {"model_name_or_path": "package:antigravity"}}}}, "model package 'antigravity' is not installed"),
     ("wrong-type-rounds", T, {"federation": {"rounds": "ten"}}, "federation.rounds"),
     ("zero-rounds", T, {"federation": {"rounds": 0}}, "federation.rounds must be >= 1"),
     ("too-many-clients-per-round", T, {"federation": {"clients_per_round": 9}}, "clients_per_round (9) exceeds data.num_clients (4)"),
@@ -41,7 +47,7 @@ CASES = [
     ("unknown-language", T, {"data": {"dataset": {"class_path": "chatterbot", "init_args": {"languages": ["klingon"]}}}}, "unknown languages ['klingon']"),
     ("val-fraction", T, {"data": {"dataset": {"class_path": "chatterbot", "init_args": {"val_fraction": 1.5}}}}, "val_fraction must be in (0, 1)"),
     ("unknown-timm-model", V, {"model": {"task": {"class_path": "image_classification", "init_args": {"model": "resnet_bogus"}}}}, "unknown timm model 'resnet_bogus'"),
-    ("missing-checkpoint", V, {"model": {"task": {"class_path": "image_classification", "init_args": {"model": "resnet10t", "checkpoint_path": "/no/w.safetensors"}}}}, "does not exist"),
+    ("missing-checkpoint", V, {"model": {"task": {"class_path": "image_classification", "init_args": {"model": "resnet10t", "checkpoint_path": "/no/w.safetensors"}}}}, "model.task.init_args.checkpoint_path '/no/w.safetensors' does not exist"),
     ("accumulate-grad", T, {"trainer": {"accumulate_grad_batches": 2}}, "trainer.accumulate_grad_batches must be 1"),
     ("limit-train-batches", T, {"trainer": {"limit_train_batches": 0.5}}, "trainer.limit_train_batches would cut rounds short"),
 ]  # fmt: skip
@@ -59,6 +65,7 @@ def test_bad_config_fails_early_naming_the_field(base, overrides, expected, tiny
     assert code == 2
     err = capsys.readouterr().err
     assert expected in " ".join(err.split()), err[-2000:]
+    assert "Does not validate against any of the Union subtypes" not in err, "the plugin's own message is buried"
     assert not list(tmp_path.rglob("rounds.csv")), "training started"
     assert not list(tmp_path.rglob("*.ckpt"))
 

@@ -7,12 +7,14 @@ refuses unknown names with the list of available ones, before anything is instan
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any
 
 import yaml
 
+from fedlight import config_guard
 from fedlight.errors import ConfigError, StorageError
 
 OFFLINE_ENV = {
@@ -41,17 +43,6 @@ PLUGIN_KEYS: dict[str, str] = {
 PARSER_MODE = "fedlight"
 
 
-#: import-path prefixes a config may name outside the plugin registry (loggers, callbacks, optimizers);
-#: extend with FEDLIGHT_ALLOWED_MODULES=pkg_a.,pkg_b. — jsonargparse alone would import anything
-ALLOWED_MODULE_PREFIXES = ("fedlight.", "lightning.", "torch.optim.", "torchmetrics.")
-ALLOWED_MODULES_ENV = "FEDLIGHT_ALLOWED_MODULES"
-
-
-def _allowed_prefixes() -> tuple[str, ...]:
-    extra = [p.strip() for p in os.environ.get(ALLOWED_MODULES_ENV, "").split(",") if p.strip()]
-    return ALLOWED_MODULE_PREFIXES + tuple(extra)
-
-
 def _resolve_class_path(name: str, kind: str | None, where: str) -> str:
     from fedlight.plugins import PluginError, get_registry
 
@@ -64,14 +55,8 @@ def _resolve_class_path(name: str, kind: str | None, where: str) -> str:
     matches = {e.import_path for table in registry.entries.values() for e in table.values() if name == e.name}
     if len(matches) == 1:
         return matches.pop()
-    if "." in name and not name.startswith(_allowed_prefixes()):
-        registered = any(name == e.import_path for table in registry.entries.values() for e in table.values())
-        if not registered:
-            raise ConfigError(
-                f"{where}: class_path {name!r} is neither a registered fedlight plugin nor under an allowed "
-                f"module prefix {list(_allowed_prefixes())}; register it as a plugin or set "
-                f"{ALLOWED_MODULES_ENV}={name.rsplit('.', 1)[0]}."
-            )
+    if "." in name:
+        config_guard.check_import_path(name, where)
     return name
 
 
@@ -93,7 +78,44 @@ def resolve_plugin_names(node: Any, path: str = "", kind: str | None = None) -> 
 
 
 def load_config(text: str) -> Any:
-    return resolve_plugin_names(yaml.safe_load(text))
+    """The loader for every YAML document jsonargparse reads (config files and command-line values)."""
+    cfg = config_guard.safe_load(text)
+    config_guard.check_derived_keys(cfg)
+    return resolve_plugin_names(cfg)
+
+
+def resolve_cli_args(args: list[str]) -> list[str]:
+    """Resolve plugin short names in command-line values exactly as in YAML.
+
+    jsonargparse hands a command-line value to the loader without its key, so ``--federation.aggregator
+    fedadam`` would not know it names an aggregator; the key is known here. Handles ``--key value``,
+    ``--key=value``, ``--key+=value``, ``--x.class_path value`` and JSON/YAML dict values.
+    """
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        out.append(arg)
+        i += 1
+        if not arg.startswith("--") or arg == "--":
+            continue
+        key, has_value, value = arg[2:].partition("=")
+        if not has_value:
+            if i >= len(args) or args[i].startswith("--"):
+                continue
+            value = args[i]
+        parts = key.rstrip("+").split(".")
+        kind = PLUGIN_KEYS.get(parts[-2] if parts[-1] == "class_path" and len(parts) > 1 else parts[-1])
+        if kind is None or os.path.isfile(value):  # a file is loaded (and resolved) by jsonargparse itself
+            continue
+        where = key.rstrip("+").removesuffix(".class_path")
+        resolved = resolve_plugin_names(config_guard.safe_load(value), where, kind)
+        text = resolved if isinstance(resolved, str) else json.dumps(resolved)
+        if has_value:
+            out[-1] = f"--{key}={text}"
+        else:
+            out.append(text)
+            i += 1
+    return out
 
 
 def _make_cli_class():
@@ -101,30 +123,62 @@ def _make_cli_class():
 
     from fedlight.core.round import FederatedRound
 
+    class FedlightArgumentParser(LightningArgumentParser):
+        """Parse errors become ConfigErrors that say what to change (close keys, allowed imports).
+
+        Prefixes of option names are not accepted (``--federation.round`` is not ``--federation.rounds``):
+        a typo gets a suggestion, as it does in YAML, instead of silently picking an option.
+        """
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("allow_abbrev", False)
+            super().__init__(*args, **kwargs)
+
+        def error(self, message: str, ex: Exception | None = None):
+            if not self.exit_on_error:  # jsonargparse is trying alternatives internally
+                return super().error(message, ex)
+            raise ConfigError(config_guard.explain(message, config_guard.parser_keys(self), ex)) from ex
+
     class FedlightCLI(LightningCLI):
         """LightningCLI with the round callback as a top-level ``federation:`` section."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("parser_class", FedlightArgumentParser)
+            super().__init__(*args, **kwargs)
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.add_lightning_class_args(FederatedRound, "federation")
             parser.link_arguments("federation.rounds", "trainer.max_epochs")
 
         def _parse_ckpt_path(self) -> None:
-            # LightningCLI reads --ckpt_path before anything is built; check it first so a torn,
-            # unsafe or missing checkpoint fails with fedlight's message instead of a torch traceback
+            """Check ``--ckpt_path`` early; never let its ``hyper_parameters`` reach the parser.
+
+            LightningCLI would parse a checkpoint's ``hyper_parameters`` as config on top of the YAML
+            (importing any class path they name and silently replacing values such as ``model.lr``).
+            fedlight checkpoints never write them (no ``save_hyperparameters``); a checkpoint that
+            carries them is loaded for its state only, and the config alone decides the run.
+            """
             from fedlight.core.checkpoint import AtomicCheckpointIO
 
             subcommand = self.config.get("subcommand")
             ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
             if ckpt_path:
-                AtomicCheckpointIO().load_checkpoint(ckpt_path)
-            super()._parse_ckpt_path()
+                checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path)
+                ignored = sorted(k for k in ("hyper_parameters", "datamodule_hyper_parameters") if checkpoint.get(k))
+                if ignored:
+                    from lightning.pytorch.utilities import rank_zero_warn
+
+                    rank_zero_warn(
+                        f"[fedlight] checkpoint {ckpt_path} carries {' and '.join(ignored)}; ignored: the config "
+                        "decides every setting, and nothing in a checkpoint is parsed or imported"
+                    )
 
         def instantiate_classes(self) -> None:
             """Plugin constructors validate their arguments; report their errors as config errors."""
             try:
                 super().instantiate_classes()
             except (ValueError, FileNotFoundError) as err:
-                raise ConfigError(str(err)) from err
+                raise ConfigError(config_guard.explain(str(err), err=err)) from err
 
         def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
             """A top-level ``optimizer:`` (and ``lr_scheduler:``) section, built when training starts.
@@ -189,6 +243,9 @@ def run_cli(args: list[str] | None = None, run: bool = True):
     from fedlight.core.module import FederatedModule
 
     jsonargparse.set_loader(PARSER_MODE, load_config, exceptions=(yaml.YAMLError,))
+    config_guard.install()
+    if args is not None:
+        args = resolve_cli_args(list(args))
     cli_class = _make_cli_class()
     return cli_class(
         FederatedModule,

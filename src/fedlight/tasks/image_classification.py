@@ -63,7 +63,8 @@ class ImageClassification(Task):
         if weights and checkpoint_path:
             raise ValueError("model.task: give either weights (package:...) or checkpoint_path, not both")
         self.model_name = model
-        self.checkpoint_path = resolve_local_path(checkpoint_path) if checkpoint_path else None
+        field = "model.task.init_args.checkpoint_path"
+        self.checkpoint_path = resolve_local_path(checkpoint_path, field) if checkpoint_path else None
         self.image_size = image_size
         self.in_chans = in_chans
         self.model_kwargs = dict(model_kwargs or {})
