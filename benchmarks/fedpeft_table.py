@@ -100,7 +100,9 @@ def config(cell: Cell, args: argparse.Namespace, out: Path) -> dict:
         fed["aggregator"] = {"class_path": "fedavg", "init_args": {"weighting": "uniform"}}
         fed["privacy"] = {
             "class_path": "dp_fedavg",
-            "init_args": {"noise_multiplier": args.sigma, "clip_norm": args.clip, "adaptive_clipping": True},
+            # the noisy unclipped count must have std > σ/2 or it alone would spend the budget
+            "init_args": {"noise_multiplier": args.sigma, "clip_norm": args.clip, "adaptive_clipping": True,
+                          "clipped_count_stddev": args.sigma},
         }
     if cell.dropout:
         fed["faults"] = {"dropout_before": cell.dropout}
@@ -166,7 +168,7 @@ def tabulate(all_cells: list[Cell], results: dict[str, dict], args: argparse.Nam
     lines = [
         (
             f"{args.rounds} rounds, {args.clients} clients ({args.per_round} per round, {args.local_steps} local steps), "
-            f"{args.train} train / {args.val} val images, 28 px; DP-FedAvg σ={args.sigma}, adaptive clipping, δ=1e-5."
+            f"{args.train} train / {args.val} val images, 28 px; DP-FedAvg σ={args.sigma}, adaptive clipping (count noise σ_b=σ), δ=1e-5."
         ),
         "",
         "| method | setting | final acc | best acc | total MB | bytes vs full | ε | seeds done | wall s (mean) |",
