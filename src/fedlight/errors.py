@@ -7,6 +7,10 @@ class ConfigError(ValueError):
     """A config (or a file it names) cannot be used; raised before round 1."""
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint is corrupt, unsafe or does not match the run's config."""
+
+
 class StorageError(RuntimeError):
     """A run's file or directory cannot be written (read-only, full, blocked by a file).
 

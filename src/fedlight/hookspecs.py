@@ -96,6 +96,23 @@ def fedlight_evaluators() -> list[type]:
 
 
 # ---------------------------------------------------------------------------------------------
+# The round
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def fedlight_round_features() -> list[type]:
+    """Return :class:`fedlight.features.base.RoundFeature` subclasses (behaviour run by the round engine at
+    fixed points of every round, listed by users in ``federation.features``)."""
+
+
+@hookspec
+def fedlight_engines() -> dict[str, object]:
+    """Return ``{name: main}``: engine subcommands, ``fedlight <name> ...`` calls ``main(argv) -> int``
+    (e.g. fedlight-flower's ``flower``). Called lazily, only when that subcommand runs."""
+
+
+# ---------------------------------------------------------------------------------------------
 # Evaluation of defences
 # ---------------------------------------------------------------------------------------------
 

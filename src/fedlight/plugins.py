@@ -26,6 +26,7 @@ from fedlight.codecs.base import Codec
 from fedlight.data.base import Dataset
 from fedlight.errors import ConfigError
 from fedlight.evaluators.base import Evaluator
+from fedlight.features.base import RoundFeature
 from fedlight.partitioners.base import Partitioner
 from fedlight.peft.base import PeftMethod
 from fedlight.privacy.base import Privacy
@@ -52,6 +53,7 @@ KINDS: dict[str, tuple[str, type]] = {
     "attacks": ("fedlight_attacks", Attack),
     "client_methods": ("fedlight_client_methods", ClientMethod),
     "evaluators": ("fedlight_evaluators", Evaluator),
+    "round_features": ("fedlight_round_features", RoundFeature),
 }
 
 #: packages whose modules may hold built-in hook implementations
@@ -66,6 +68,7 @@ BUILTIN_PACKAGES = [
     "fedlight.attacks",
     "fedlight.client_methods",
     "fedlight.evaluators",
+    "fedlight.features",
 ]
 
 

@@ -17,13 +17,9 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from fedlight.core.storage import atomic_copy, atomic_write
-from fedlight.errors import ConfigError
+from fedlight.errors import CheckpointError
 
 __all__ = ["AtomicCheckpointIO", "CheckpointError", "atomic_copy", "capture_rng", "restore_rng"]
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint is corrupt, unsafe or does not match the run's config."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from fedlight.core.checkpoint import CheckpointError
 from fedlight.core.client import ClientPipeline, ClientState
 from fedlight.core.faults import ClientFaults, TooFewClientsError
 from fedlight.core.plan import RoundPlan, plan_round
@@ -32,6 +31,7 @@ from fedlight.core.seeds import Stream, resolve_seed, round_generator
 from fedlight.core.server import AggregationReport, ServerPipeline
 from fedlight.core.state import State
 from fedlight.core.update import ClientUpdate
+from fedlight.errors import CheckpointError
 from fedlight.peft.lora_variants import lora_layout
 from fedlight.privacy.base import Privacy, RunSpec
 
@@ -81,10 +81,13 @@ class RoundState:
     plan: RoundPlan
     payload: bytes
     started: float = field(default_factory=time.perf_counter)
+    #: what the server sends to every sampled client besides ``payload``, by feature key (e.g. SCAFFOLD's c)
+    broadcasts: dict[str, bytes] = field(default_factory=dict)
     updates: list[ClientUpdate] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
+    #: updates a feature refused before aggregation (e.g. undecodable extras), with the reason
+    rejected: dict[int, str] = field(default_factory=dict)
     downlink: int = 0
-    extra_uplink: int = 0  # bytes features send beside the updates (e.g. SCAFFOLD's control deltas)
     losses: list[float] = field(default_factory=list)
     clients_done: int = 0
     report: AggregationReport | None = None
@@ -277,7 +280,7 @@ class RoundEngine:
                 return None  # e.g. a malicious client: the attack sends for it at round end
         update = self.send(run.client_id, run.start, trained, {"train_loss": run.mean_loss})
         for feature in self.features:
-            feature.on_client_end(self, run, trained)
+            feature.on_client_end(self, run, trained, update)
         if module.local_names:
             self.client_store[run.client_id]["local"] = module.peft.get_state(module.model, module.local_names)
         return update
@@ -305,30 +308,42 @@ class RoundEngine:
         """The server pipeline on the round's updates; the new global state is loaded into the model."""
         r = self.round
         for feature in self.features:
-            feature.before_aggregate(self, r)
+            feature.before_aggregate(self, r)  # late sends (colluding attackers)
+        sent = list(r.updates)
+        for feature in self.features:
+            feature.screen(self, r)  # a feature may refuse an update whose extras it cannot use
         new_global, report = self.server.aggregate(self.global_state, r.updates, self.generator(Stream.SERVER))
-        report.uplink_bytes += r.extra_uplink
+        screened = [u for u in sent if u.client_id in r.rejected]
+        report.uplink_bytes += sum(u.num_bytes for u in screened) + sum(u.extra_bytes for u in sent)
+        report.rejected.update(r.rejected)
         r.downlink += report.downlink_bytes  # e.g. secure aggregation's survivor list
         self.privacy.on_round_end()  # charged because clients were queried, whatever arrived
         r.report = report
         min_clients = self.schedule.faults.min_clients
-        # a Poisson-cohort mechanism releases every round (an empty one is noise only): never skipped
-        if len(report.accepted) < min_clients and self.privacy.cohort_sampling != "poisson":
+        if report.skipped:  # the server pipeline refused to apply the aggregate (e.g. not finite)
+            r.skipped = report.skipped
+            new_global = self.global_state
+        elif self.skips_round(len(report.accepted)):
             r.skipped = f"{len(report.accepted)} accepted updates < federation.faults.min_clients ({min_clients})"
             if self.schedule.faults.on_too_few_clients == "stop":
                 raise TooFewClientsError(
                     f"round {r.round}: {r.skipped}; stopping (resume from the last round checkpoint)"
                 )
             new_global = self.global_state
-        elif report.skipped:  # the server pipeline refused to apply the aggregate (e.g. not finite)
-            r.skipped = report.skipped
-            new_global = self.global_state
         for feature in self.features:
-            feature.on_aggregated(self, r, report, changed=new_global is not self.global_state)
+            feature.on_aggregated(self, r, report, changed=r.skipped is None)
         self.global_state = new_global
         self.module.peft.set_state(self.module.model, new_global)
         self.module.peft.set_state(self.module.model, self.initial_local)
         return r
+
+    def skips_round(self, accepted: int) -> bool:
+        """Too few accepted updates (``faults.min_clients``): the round leaves the global state unchanged.
+
+        Never under a Poisson-cohort privacy mechanism: it releases every round (an empty cohort is
+        noise only), and skipping would make the release depend on the data.
+        """
+        return accepted < self.schedule.faults.min_clients and self.privacy.cohort_sampling != "poisson"
 
     def round_row(self, metrics: dict[str, float]) -> dict[str, Any]:
         """The round's rounds.csv row (validation ``metrics`` from the engine's evaluation), appended to history."""
@@ -370,6 +385,18 @@ class RoundEngine:
             if reason:
                 return reason
         return None
+
+    def feature(self, key: str) -> Any:
+        """The feature with this checkpoint key, or None."""
+        return next((f for f in self.features if f.key == key), None)
+
+    def frozen_changes(self) -> State:
+        """Every change features made to frozen base weights (e.g. merged LoRA), summed by name."""
+        changes: State = {}
+        for feature in self.features:
+            for name, delta in feature.frozen_changes().items():
+                changes[name] = changes[name] + delta if name in changes else delta
+        return changes
 
     @property
     def total_uplink(self) -> int:

@@ -14,7 +14,7 @@ from fedlight.core.client import ClientPipeline
 from fedlight.core.engine import RoundEngine, Schedule
 from fedlight.core.faults import ClientFaults
 from fedlight.core.heterogeneity import check_sampling
-from fedlight.core.server import ServerPipeline
+from fedlight.core.server import DEFAULT_MAX_NORM_OVER_MEDIAN, ServerPipeline
 
 
 @dataclass
@@ -34,6 +34,7 @@ class FederationOptions:
     checkpoint_every: int = 1
     faults: ClientFaults | None = None
     max_update_norm: float | None = None
+    max_norm_over_median: float | None = DEFAULT_MAX_NORM_OVER_MEDIAN
     attack: Any = None
     malicious_fraction: float = 0.0
     export_every: int = 0
@@ -69,11 +70,6 @@ class FederationOptions:
         if (self.attack is None) != (self.malicious_fraction == 0.0):
             raise ValueError("federation.attack and federation.malicious_fraction > 0 go together: set both or neither")
         self.client_sampling = check_sampling(self.client_sampling)
-        if self.export_every and self.aggregator.merges_into_base and not self.export_merged:
-            raise ValueError(
-                f"federation.aggregator {self.aggregator.name!r} merges updates into the frozen weights, which an "
-                "adapter alone does not carry: set federation.export_merged: true (the merged model is the exact global one)"
-            )
         compat.check(self.composition())
 
     def composition(self) -> compat.Composition:
@@ -118,7 +114,10 @@ class FederationOptions:
 
             return secure_pipelines(self)
         client = ClientPipeline(self.uplink_codec, self.downlink_codec, self.privacy)
-        server = ServerPipeline(self.uplink_codec, self.downlink_codec, self.aggregator, self.privacy, self.max_update_norm)
+        server = ServerPipeline(
+            self.uplink_codec, self.downlink_codec, self.aggregator, self.privacy, self.max_update_norm,
+            self.max_norm_over_median,
+        )  # fmt: skip
         return client, server
 
     def build_engine(self) -> RoundEngine:

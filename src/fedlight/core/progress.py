@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from fedlight.core.round import MB, FederatedRound
+from fedlight.core.round import FederatedRound
+from fedlight.core.runlog import MB
 
 
 class FederatedProgressBar(TQDMProgressBar):
@@ -23,11 +24,13 @@ class FederatedProgressBar(TQDMProgressBar):
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
         fed = self._round(trainer)
-        if fed is not None and fed.plan is not None:
-            items["clients"] = f"{fed.clients_done}/{len(fed.plan.clients)}"
-            uplink = sum(u.num_bytes for u in fed.updates)
-            items["MB"] = f"{(fed.total_uplink + fed.total_downlink + uplink + fed.round_downlink) / MB:.2f}"
-            eps = fed.privacy.epsilon()
+        r = fed.engine.round if fed is not None else None
+        if r is not None:
+            items["clients"] = f"{r.clients_done}/{len(r.plan.clients)}"
+            uplink = sum(u.num_bytes for u in r.updates)
+            engine = fed.engine
+            items["MB"] = f"{(engine.total_uplink + engine.total_downlink + uplink + r.downlink) / MB:.2f}"
+            eps = engine.privacy.epsilon()
             if eps is not None:
                 items["eps"] = f"{eps:.2f}"
         return items

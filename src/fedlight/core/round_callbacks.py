@@ -45,4 +45,4 @@ class AdapterExport(pl.Callback):
         r = self.federation.engine.round.round
         if _due(self.every, r, self.federation.rounds) and trainer.is_global_zero:
             out = self.federation.log_dir(trainer) / "adapters" / f"round-{r:04d}"
-            export_adapter(pl_module, out, merged=self.merged)
+            export_adapter(pl_module, out, merged=self.merged, base_delta=self.federation.engine.frozen_changes())

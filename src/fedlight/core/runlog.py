@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from fedlight.core.storage import append_text, atomic_write_text
 
 ROUNDS_CSV = "rounds.csv"
 SAMPLES = "samples.jsonl"
@@ -51,23 +53,21 @@ def write_csv(history: list[dict[str, Any]], path: Path) -> None:
     columns: list[str] = list(CSV_COLUMNS)
     for r in history:
         columns.extend(k for k in r if k not in columns)
-    tmp = path.with_suffix(".csv.tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(history)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(path, text.getvalue())  # a full or read-only disk: a StorageError naming the path
 
 
 def write_samples(samples: list[Any], path: Path, round_idx: int) -> None:
     """A few generations of the global model per round, for a person to read (generative tasks, evaluators)."""
-    with path.open("a", encoding="utf-8") as f:
-        for sample in samples:  # the task's (prompt, generation, reference) triples, evaluators' dicts
-            if isinstance(sample, dict):
-                record = {"round": round_idx, **sample}
-            else:
-                prompt, generation, reference = sample
-                record = {"round": round_idx, "prompt": prompt, "generation": generation, "reference": reference}
-            f.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+    lines = []
+    for sample in samples:  # the task's (prompt, generation, reference) triples, evaluators' dicts
+        if isinstance(sample, dict):
+            record = {"round": round_idx, **sample}
+        else:
+            prompt, generation, reference = sample
+            record = {"round": round_idx, "prompt": prompt, "generation": generation, "reference": reference}
+        lines.append(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+    append_text(path, "".join(lines))  # all of a round's lines or none

@@ -50,6 +50,8 @@ class AggregationReport:
     uplink_bytes: int = 0
     #: additive changes to frozen base weights from a merging aggregator (``Aggregator.merges_into_base``)
     base_delta: State = field(default_factory=dict)
+    #: bytes the server sends beside the broadcast while aggregating (secure aggregation's survivor list)
+    downlink_bytes: int = 0
     #: why this round's aggregate was not applied (the global state is unchanged); empty when it was
     skipped: str = ""
 
@@ -184,7 +186,7 @@ class ServerPipeline:
         """New global state from the securely summed deltas of ``count`` clients (secure aggregation).
 
         No individual update exists here: the aggregator gets one pseudo-update, the mean delta (so
-        only mean-based aggregators are allowed, see ``privacy.secure_round.check_composition``), and
+        only ``sum_based`` aggregators are allowed, see ``core.compat.check_secure``), and
         the privacy plugin's ``post_aggregate`` noises the result as in the plain path.
         """
         mean = {k: v / count for k, v in total.items()}

@@ -15,10 +15,16 @@ class ClientUpdate:
     num_examples: int
     payload: bytes
     metrics: dict[str, float] = field(default_factory=dict)
+    #: what round features send beside the update, by feature key (e.g. SCAFFOLD's control delta)
+    extras: dict[str, bytes] = field(default_factory=dict)
 
     @property
     def num_bytes(self) -> int:
         return len(self.payload)
+
+    @property
+    def extra_bytes(self) -> int:
+        return sum(len(p) for p in self.extras.values())
 
 
 @dataclass

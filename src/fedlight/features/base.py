@@ -9,13 +9,14 @@ the base, personalised evaluation and the privacy-budget stop are each one modul
 =================  ==============================================================================
 ``bind``           once, after the population is known (before round 1)
 ``attach``         once, when the model exists (fresh run or resumed)
-``on_round_start`` after the round is planned and the global state broadcast (add payloads, bytes)
-``on_client_start`` after the client's start state is loaded into the model
+``on_round_start`` server side, after the round is planned: extra payloads go in ``round.broadcasts[key]``
+``on_client_start`` client side, after the start state is loaded (read ``round.broadcasts``, count bytes)
 ``on_batch``       before each local forward pass (the batch may be changed in place)
 ``on_gradients``   after each local backward pass, before the optimizer step
 ``hold_update``    when a client finishes: True keeps its update back (sent later by the feature)
-``on_client_end``  after a client's update was sent
+``on_client_end``  after a client's update was sent (extras go in ``update.extras[key]``)
 ``before_aggregate`` before the server pipeline runs (late sends)
+``screen``         server side: refuse updates whose extras cannot be used (never raises)
 ``on_aggregated``  after the server pipeline (``changed``: the global model moves this round)
 ``round_metrics``  values for the round's row in rounds.csv
 ``stop_reason``    after each round: a reason to stop the run, or None
@@ -35,6 +36,7 @@ from fedlight.core.state import State
 if TYPE_CHECKING:
     from fedlight.core.engine import ClientRun, RoundEngine, RoundState
     from fedlight.core.server import AggregationReport
+    from fedlight.core.update import ClientUpdate
 
 
 class RoundFeature(Plugin):
@@ -73,11 +75,15 @@ class RoundFeature(Plugin):
         """True to keep the client's update back (the feature sends it later with ``engine.send``)."""
         return False
 
-    def on_client_end(self, engine: RoundEngine, client: ClientRun, trained: State) -> None:
-        """The client's update was sent."""
+    def on_client_end(self, engine: RoundEngine, client: ClientRun, trained: State, update: ClientUpdate | None) -> None:
+        """The client's update was sent (None: the client pipeline declined); extras go in ``update.extras``."""
 
     def before_aggregate(self, engine: RoundEngine, round: RoundState) -> None:
-        """Every client is done; the server pipeline runs next."""
+        """Every client is done; late updates are sent now (``engine.send``)."""
+
+    def screen(self, engine: RoundEngine, round: RoundState) -> None:
+        """Server side, before aggregation: move updates this feature cannot use from ``round.updates``
+        to ``round.rejected`` (with the reason) — e.g. extras that do not decode. Never raise for an update."""
 
     def on_aggregated(self, engine: RoundEngine, round: RoundState, report: AggregationReport, changed: bool) -> None:
         """The server pipeline ran; ``changed``: the new global state replaces the old one."""
@@ -89,6 +95,10 @@ class RoundFeature(Plugin):
     def stop_reason(self, engine: RoundEngine) -> str | None:
         """A reason to stop the run after this round, or None."""
         return None
+
+    def frozen_changes(self) -> State:
+        """Changes this feature made to frozen weights (exports must carry them), by parameter name."""
+        return {}
 
     def empty_state(self) -> dict[str, Any]:
         """The state of a run that never had this feature (resuming an older checkpoint)."""

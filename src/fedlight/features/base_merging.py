@@ -20,16 +20,16 @@ class MergeIntoBase(RoundFeature):
 
     def __init__(self) -> None:
         self.base_total: State = {}  # Σ of merged base deltas: what a stateless client must receive
-        self._payload = b""
 
     def attach(self, engine: RoundEngine) -> None:
         engine.module.kept_frozen = set(self.base_total)  # merged base weights go into round checkpoints
 
     def on_round_start(self, engine: RoundEngine, round: RoundState) -> None:
-        self._payload = engine.server.broadcast(self.base_total) if self.base_total else b""
+        if self.base_total:
+            round.broadcasts[self.key] = engine.server.broadcast(self.base_total)
 
     def on_client_start(self, engine: RoundEngine, client: ClientRun) -> None:
-        engine.round.downlink += len(self._payload)
+        engine.round.downlink += len(engine.round.broadcasts.get(self.key, b""))
 
     def on_aggregated(self, engine: RoundEngine, round: RoundState, report: AggregationReport, changed: bool) -> None:
         """The one place frozen base weights change; in place (fp32), so a resumed run continues bit-identically."""
@@ -46,6 +46,9 @@ class MergeIntoBase(RoundFeature):
                 total = self.base_total.get(name)
                 self.base_total[name] = delta.float().clone() if total is None else total + delta.float()
         module.kept_frozen = set(self.base_total)
+
+    def frozen_changes(self) -> State:
+        return self.base_total
 
     def state_dict(self) -> dict[str, Any]:
         return self.base_total

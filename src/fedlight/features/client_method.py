@@ -8,6 +8,7 @@ from fedlight.client_methods.base import ClientMethod
 from fedlight.core.engine import ClientRun, RoundEngine, RoundState
 from fedlight.core.server import AggregationReport
 from fedlight.core.state import State
+from fedlight.core.update import ClientUpdate
 from fedlight.features.base import RoundFeature
 
 
@@ -19,8 +20,7 @@ class ClientMethodFeature(RoundFeature):
 
     def __init__(self, method: ClientMethod) -> None:
         self.method = method
-        self._payload = b""  # this round's extra broadcast (e.g. SCAFFOLD's c)
-        self._uplink: dict[int, bytes] = {}  # its extra uplink per client (e.g. Δc_i)
+        self._extras: dict[int, State] = {}  # this round's decoded extras of the updates that passed screening
 
     def attach(self, engine: RoundEngine) -> None:
         module = engine.module
@@ -29,30 +29,43 @@ class ClientMethodFeature(RoundFeature):
         self.method.bind(list(self._params), engine.population.num_clients)
 
     def on_round_start(self, engine: RoundEngine, round: RoundState) -> None:
-        self._uplink = {}
         extra = self.method.broadcast(engine.global_state)
-        self._payload = engine.server.broadcast(extra) if extra else b""  # nothing is sent when there is nothing
+        if extra:  # nothing is sent when there is nothing extra (e.g. FedProx)
+            round.broadcasts[self.key] = engine.server.broadcast(extra)
 
     def on_client_start(self, engine: RoundEngine, client: ClientRun) -> None:
-        received = engine.client.receive(self._payload) if self._payload else {}
-        engine.round.downlink += len(self._payload)
+        payload = engine.round.broadcasts.get(self.key, b"")
+        received = engine.client.receive(payload) if payload else {}
+        engine.round.downlink += len(payload)
         self.method.start_client(client.client_id, client.start, received, engine.client_store.get(client.client_id, {}))
 
     def on_gradients(self, engine: RoundEngine, client: ClientRun, lr: float) -> None:
         self.method.correct_gradients(self._params, lr)
 
-    def on_client_end(self, engine: RoundEngine, client: ClientRun, trained: State) -> None:
+    def on_client_end(self, engine: RoundEngine, client: ClientRun, trained: State, update: ClientUpdate | None) -> None:
         store = engine.client_store.setdefault(client.client_id, {})
         extra = self.method.finish_client(client.client_id, client.start, trained, store)
-        if extra:
-            payload = engine.client.uplink.encode(extra)
-            self._uplink[client.client_id] = payload
-            engine.round.extra_uplink += len(payload)
+        if extra and update is not None:
+            update.extras[self.key] = engine.client.uplink.encode(extra)
+
+    def screen(self, engine: RoundEngine, round: RoundState) -> None:
+        """Decode every update's extras against the shared tensors' shapes; an update whose extras do not
+        decode is refused (its model delta is not aggregated either)."""
+        self._extras = {}
+        reference = {n: engine.global_state[n] for n in self._params}  # what a client's extras must be shaped like
+        for update in list(round.updates):
+            payload = update.extras.get(self.key)
+            if payload is None:
+                continue
+            try:
+                self._extras[update.client_id] = engine.client.uplink.decode(payload, reference=reference)
+            except Exception as err:  # noqa: BLE001 - one client's extras must never take the round down
+                round.updates.remove(update)
+                round.rejected[update.client_id] = f"client_method {self.method.name!r} extras: {err}"
 
     def on_aggregated(self, engine: RoundEngine, round: RoundState, report: AggregationReport, changed: bool) -> None:
         if changed:  # the method's server state moves with accepted updates only
-            decode = engine.client.uplink.decode
-            self.method.server_update([(c, decode(self._uplink[c])) for c in report.accepted if c in self._uplink])
+            self.method.server_update([(c, self._extras[c]) for c in report.accepted if c in self._extras])
 
     def state_dict(self) -> dict[str, Any]:
         return self.method.state_dict()

@@ -82,6 +82,6 @@ def secure_pipelines(options: Any) -> tuple[ClientPipeline, ServerPipeline]:
     client = SecureClientPipeline(session, options.uplink_codec, options.downlink_codec, options.privacy)
     server = SecureServerPipeline(
         session, options.uplink_codec, options.downlink_codec, options.aggregator, options.privacy,
-        options.max_update_norm,
+        options.max_update_norm, options.max_norm_over_median,
     )  # fmt: skip
     return client, server

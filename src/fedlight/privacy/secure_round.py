@@ -35,8 +35,6 @@ from fedlight.core.update import ClientUpdate
 from fedlight.privacy.dp_fedavg import clip_state
 from fedlight.privacy.secure_agg import RING, RING_BITS, Quantizer, SecAggClient, SecAggServer
 
-#: aggregators that only need the mean delta (so they can run on a secure sum), by registered name
-SUM_AGGREGATORS = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 SHARE_BYTES = 4 + 66  # recipient/owner id + one GF(2^521 - 1) element
 
 
@@ -77,51 +75,6 @@ class SecureAggregation:
             return Quantizer(clip=clip, scale=scale, max_clients=max_clients)
         except ValueError as err:
             raise ValueError(f"federation.secure_aggregation: {err}") from None
-
-
-def check_composition(
-    secure: SecureAggregation | None,
-    aggregator,
-    privacy,
-    uplink_codec,
-    max_update_norm: float | None,
-    clients_per_round: int,
-    client_method=None,
-) -> None:
-    """Refuse combinations that are unsound with secure aggregation (the composition matrix of docs/privacy.md)."""
-    if secure is None:
-        return
-    where = "federation.secure_aggregation"
-    name = getattr(aggregator, "name", type(aggregator).__name__)
-    if name not in SUM_AGGREGATORS:
-        raise ValueError(
-            f"{where}: aggregator {name!r} needs every individual update, which the server never sees under secure "
-            f"aggregation (robust aggregation cannot run on a masked sum); use one of {list(SUM_AGGREGATORS)}, "
-            "or drop secure_aggregation"
-        )
-    if getattr(aggregator, "weighting", "uniform") != "uniform":
-        raise ValueError(
-            f"{where}: the secure sum is an unweighted sum; set the aggregator's weighting: uniform"
-        )
-    if max_update_norm is not None:
-        raise ValueError(
-            f"{where}: federation.max_update_norm checks each update on the server, which only sees the masked sum; "
-            "set it to null (bound updates on the client with a clipping privacy plugin such as dp_fedavg)"
-        )
-    if getattr(uplink_codec, "name", "identity") != "identity":
-        raise ValueError(
-            f"{where}: uplink_codec {uplink_codec.name!r} cannot compress masked ring elements; use uplink_codec: identity"
-        )
-    problem = privacy.secure_aggregation_problem()
-    if problem:
-        raise ValueError(f"{where}: federation.privacy {privacy.name!r} {problem}")
-    if client_method is not None and getattr(client_method, "sends_extra", False):
-        raise ValueError(
-            f"{where}: client_method {client_method.name!r} sends extra per-client tensors in the clear; "
-            "they would bypass secure aggregation"
-        )
-    if clients_per_round < 2:
-        raise ValueError(f"{where}: needs clients_per_round >= 2 (the sum of one client is its update)")
 
 
 def _flatten(state: State) -> np.ndarray:

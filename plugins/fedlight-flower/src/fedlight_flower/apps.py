@@ -416,7 +416,7 @@ def screen_replies(
 def _write_outputs(out: Path, global_state: State, history: list[dict[str, Any]]) -> None:
     from safetensors.torch import save_file
 
-    from fedlight.core.round import CSV_COLUMNS
+    from fedlight.core.runlog import CSV_COLUMNS
 
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in global_state.items()}, str(out / "global_state.safetensors"))
