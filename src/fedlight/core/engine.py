@@ -142,6 +142,8 @@ class RoundEngine:
         self.initial_local: State = {}
         self.client_store: dict[int, ClientState] = {}
         self.history: list[dict[str, Any]] = []
+        #: True in a client-only process (a Flower ClientApp): its model is not the server's
+        self.remote_client = False
         # the round and client in progress
         self.round: RoundState | None = None
         self.current: ClientRun | None = None
@@ -227,6 +229,17 @@ class RoundEngine:
         self.client.begin_round(self, self.round)
         for feature in self.features:
             feature.on_round_start(self, self.round)
+        return self.round
+
+    def receive_round(self, plan: RoundPlan, payload: bytes, broadcasts: dict[str, bytes] | None = None) -> RoundState:
+        """Client side of a remote engine (Flower's ClientApp): the round as the server's message describes it.
+
+        The client process holds no server state: ``payload`` and ``broadcasts`` are what the
+        server's :meth:`begin_round` produced; then :meth:`start_client` / :meth:`finish_client` run as
+        in-process. ``remote_client`` tells features that this process's model is not the server's.
+        """
+        self.remote_client = True
+        self.round = RoundState(plan, payload, broadcasts=dict(broadcasts or {}))
         return self.round
 
     def start_client(self, client_id: int) -> ClientRun:

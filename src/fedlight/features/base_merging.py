@@ -20,6 +20,7 @@ class MergeIntoBase(RoundFeature):
 
     def __init__(self) -> None:
         self.base_total: State = {}  # Σ of merged base deltas: what a stateless client must receive
+        self._applied: State = {}  # what a remote client has added to its own frozen weights so far
 
     def attach(self, engine: RoundEngine) -> None:
         engine.module.kept_frozen = set(self.base_total)  # merged base weights go into round checkpoints
@@ -29,7 +30,17 @@ class MergeIntoBase(RoundFeature):
             round.broadcasts[self.key] = engine.server.broadcast(self.base_total)
 
     def on_client_start(self, engine: RoundEngine, client: ClientRun) -> None:
-        engine.round.downlink += len(engine.round.broadcasts.get(self.key, b""))
+        payload = engine.round.broadcasts.get(self.key, b"")
+        engine.round.downlink += len(payload)
+        if engine.remote_client and payload:  # a client process of its own: bring its base up to the server's
+            total = engine.client.receive(payload)
+            params = dict(engine.module.model.named_parameters())
+            with torch.no_grad():
+                for name, value in total.items():
+                    applied = self._applied.get(name)
+                    change = value if applied is None else value - applied
+                    params[name].add_(change.to(params[name].device, params[name].dtype))
+            self._applied = total
 
     def on_aggregated(self, engine: RoundEngine, round: RoundState, report: AggregationReport, changed: bool) -> None:
         """The one place frozen base weights change; in place (fp32), so a resumed run continues bit-identically."""
