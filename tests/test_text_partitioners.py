@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import yaml
-
 from conftest import text_config
+
 from fedlight.partitioners.iid import IID
 from fedlight.partitioners.length_skew import LengthSkew
 from fedlight.partitioners.metadata import Metadata
