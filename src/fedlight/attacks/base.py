@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -18,6 +18,12 @@ class Attack(Plugin):
     what they send (all attackers collude, so attacks like ALIE can use their joint statistics).
     ``num_clients`` is the number of clients whose updates the server will aggregate this round.
     """
+
+    #: True when ``poison_updates`` needs the round's attackers jointly (their deltas' statistics, or
+    #: one random stream drawn in turn by all of them): no attacker can craft its update alone, so an
+    #: engine whose clients run in separate processes (Flower) refuses it. False: each crafted update
+    #: is a function of that attacker's own delta only.
+    colludes: ClassVar[bool] = True
 
     def poison_batch(self, batch: dict[str, Any], num_classes: int) -> dict[str, Any]:
         return batch

@@ -12,6 +12,7 @@ class LabelFlip(Attack):
     """Label flipping (Biggio et al. 2012; Tolpegin et al. 2020): malicious clients train on label C-1-y."""
 
     name = "label_flip"
+    colludes = False  # it only changes the attacker's own batches
 
     def poison_batch(self, batch: dict[str, Any], num_classes: int) -> dict[str, Any]:
         if "labels" in batch and num_classes > 1 and not batch["labels"].is_floating_point():

@@ -15,6 +15,7 @@ class SignFlip(Attack):
     """Sign flipping: send -scale x the honest update (Damaskinos et al. 2018)."""
 
     name = "sign_flip"
+    colludes = False  # a function of the attacker's own delta
     example_args = {"scale": 1.0}
 
     def __init__(self, scale: float = 1.0) -> None:
@@ -48,6 +49,7 @@ class Scaling(Attack):
     """Scaling / model replacement: boost the update by a factor so it survives averaging (Bagdasaryan et al. 2020)."""
 
     name = "scaling"
+    colludes = False  # a function of the attacker's own delta
     example_args = {"factor": 3.0}
 
     def __init__(self, factor: float = 10.0) -> None:

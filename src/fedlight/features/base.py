@@ -47,6 +47,9 @@ class RoundFeature(Plugin):
     #: True when the feature acts inside local training (batches or gradients): an engine that does
     #: not run Lightning's step loop must call ``on_batch`` / ``on_gradients`` itself
     acts_in_local_training: ClassVar[bool] = False
+    #: True when a server-side point (``round_metrics``, ``on_aggregated``, …) reads ``engine.client_store``
+    #: (e.g. clients' local tensors): an engine whose clients keep their own state (Flower) refuses it
+    reads_client_store: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -14,6 +14,7 @@ class PersonalEvaluation(RoundFeature):
     """Every N rounds (and after the last) logs ``val_acc_personal_mean/std/min`` over the clients that trained."""
 
     name = "personal_eval"
+    reads_client_store = True  # each client's local tensors, on the server
 
     def __init__(self, every: int) -> None:
         if every < 1:

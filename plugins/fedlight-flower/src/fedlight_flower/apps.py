@@ -1,29 +1,40 @@
-"""Flower ServerApp and ClientApp (Message API) running fedlight's client and server pipelines.
+"""Flower ServerApp and ClientApp (Message API) driving fedlight's RoundEngine.
+
+The ServerApp runs the engine's server half: ``begin_round`` (plan, broadcast payload, the features'
+``round.broadcasts``), one ``train`` message per planned client, the replies screened into
+``round.updates`` / ``round.rejected`` / ``round.failed``, ``end_round`` (server pipeline, features),
+validation and ``round_row``. Each ClientApp runs a client-only engine from the same config
+(``receive_round`` + :func:`fedlight.core.local.train_client`), so local training, attacks, client
+methods and base merging are the code ``fedlight fit`` runs.
 
 Message protocol (one ``RecordDict`` per message):
 
 * ``query``  server -> every node: "which fedlight client are you?"; reply ``fedlight.info``
   (ConfigRecord ``client-id`` = the node's ``partition-id``). Cheap: it imports neither torch nor the job.
-* ``train``  server -> each sampled client: ``fedlight.global`` (the broadcast: one fp32 Array per shipped
-  tensor, or the downlink codec payload as uint8 under one Array for non-identity codecs) and
-  ``fedlight.config`` (``round``, ``client-id``, ``steps``, ``seed``, ``data-seed``, ``privacy-state``).
-  Reply: ``fedlight.update`` (the encoded update: fp32 arrays of the shipped tensors, or the uplink payload
-  bytes), ``fedlight.metrics`` (MetricRecord: ``num-examples``, ``train_loss``, ``steps``, ``uplink-bytes``)
-  and ``fedlight.info`` (``backbone``: a digest of the client's frozen tensors, checked by the server).
+* ``train``  server -> each client that trains this round (a client the plan loses after training is
+  asked too and told so, as in-process it trains and its update never arrives): ``fedlight.global``
+  (one fp32 Array per shipped tensor when both codecs are ``passthrough``, else the downlink payload as
+  one uint8 Array), ``fedlight.broadcasts`` (the features' extra payloads, one uint8 Array per feature
+  key) and ``fedlight.config`` (``round``, ``client-id``, ``steps``, ``lost``, ``batches``, ``seed``,
+  ``data-seed``, ``privacy-state``). Reply: ``fedlight.update`` (the encoded update: fp32 arrays or the
+  uplink payload bytes; absent when the client sends none), ``fedlight.extras`` (features' uplink
+  extras, one uint8 Array per key), ``fedlight.metrics`` (MetricRecord: ``num-examples``,
+  ``train_loss``, ``losses`` (every local step's loss), ``steps``, ``uplink-bytes`` and the update's own
+  metrics as ``update.<name>``) and ``fedlight.info`` (``client-id``, ``backbone``: a digest of the
+  client's frozen tensors, ``late``: the update was sent by a feature at round end, ``failed``: why the
+  client sent nothing).
 
 Client state that fedlight keeps per client between rounds (``local`` tensors for personalisation,
-codec error-feedback ``residual``) lives in the node's ``Context.state`` as ``fedlight.state.<purpose>``
-ArrayRecords: where Flower keeps node state (a deployed SuperNode runs every message in a fresh
-``flwr-clientapp`` process, so nothing else survives between rounds).
-
-Sampling is fedlight's ``FederatedRound.plan_for`` (same seed -> same clients as ``fedlight fit``);
-aggregation, validation, secure sum and central DP are fedlight's ``ServerPipeline``, never a Flower Strategy.
+codec error-feedback ``residual``, SCAFFOLD's ``control``) lives in the node's ``Context.state`` as
+``fedlight.state.<purpose>`` ArrayRecords: where Flower keeps node state (a deployed SuperNode runs
+every message in a fresh ``flwr-clientapp`` process, so nothing else survives between rounds).
 
 The server decides, not the client: every ``train`` reply passes :func:`screen_replies` before anything
 of it is used. The example count is the partition size the server planned (a reply claiming another is
 rejected), and a reply that is malformed, stale, duplicated, from a node that was not asked or for another
 client becomes a rejection in the round's ``rejected`` column (reason logged), never an exception out of
-the round loop. Decoding and validating the update itself is ``ServerPipeline.aggregate``'s job.
+the round loop. Decoding and validating the update and its extras is the engine's job (its server
+pipeline and the features' ``screen``).
 """
 
 from __future__ import annotations
@@ -39,7 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
@@ -53,6 +64,7 @@ if TYPE_CHECKING:  # heavy imports stay out of the module: a `query` process nev
 CONFIG_KEY = "config"  # run_config: path of the fedlight YAML
 OUT_KEY = "out"  # run_config: where the ServerApp writes global_state.safetensors, rounds.csv/json
 TIMEOUT_KEY = "round-timeout"  # run_config: seconds to wait for a round's replies
+RESUME_KEY = "resume"  # run_config: a round checkpoint to resume from (optional)
 NODES_TIMEOUT_KEY = "nodes-timeout"  # run_config: seconds to wait for all SuperNodes to connect
 PARTITION_KEY = "partition-id"  # node_config: which fedlight client this SuperNode is
 CONFIG_ENV = "FEDLIGHT_FLOWER_CONFIG"  # fallback for the config path
@@ -88,11 +100,10 @@ def _partition(context: Context) -> int:
 
 
 def uses_arrays(job: FedlightJob) -> bool:
-    """fp32 arrays on the wire when both codecs are lossless identity; otherwise the codecs' payload bytes."""
-    from fedlight.codecs.identity import IdentityCodec
-
-    pipeline = job.client_pipeline
-    return isinstance(pipeline.uplink, IdentityCodec) and isinstance(pipeline.downlink, IdentityCodec)
+    """fp32 arrays on the wire when both codecs are ``passthrough`` (lossless, tensors as they are);
+    otherwise the codecs' payload bytes."""
+    pipeline = job.engine.client
+    return bool(pipeline.uplink.passthrough and pipeline.downlink.passthrough)
 
 
 def state_to_record(state: State) -> ArrayRecord:
@@ -114,6 +125,11 @@ def record_to_bytes(record: ArrayRecord) -> bytes:
     return array.astype(np.uint8).tobytes()
 
 
+def payloads_to_record(payloads: dict[str, bytes]) -> ArrayRecord:
+    """Named byte payloads (features' broadcasts or extras) as one uint8 Array per name."""
+    return ArrayRecord({k: Array(np.frombuffer(v, dtype=np.uint8).copy()) for k, v in payloads.items()})
+
+
 # --- ClientApp -------------------------------------------------------------------------------------
 
 
@@ -131,37 +147,55 @@ def _save_client_state(context: Context, client_state: dict[str, State]) -> None
 
 
 def client_train(job: FedlightJob, content: RecordDict, context: Context) -> RecordDict:
-    """One sampled client's round: decode the broadcast, train locally, run the client pipeline."""
+    """One client's round: the server's message -> the client-only engine -> the reply records."""
+    from fedlight.core.plan import RoundPlan
+    from fedlight_flower.job import dtype_like
+
     cfg = content.config_records["fedlight.config"]
     round_idx, client_id, steps = int(cfg["round"]), int(cfg["client-id"]), int(cfg["steps"])
     partition = _partition(context)
     if partition != client_id:
         raise RuntimeError(f"message for fedlight client {client_id} reached the node holding partition {partition}")
-    # the server's seeds win: a process whose own seed_everything differs must still batch and noise alike
-    job.seed, job.data_seed = int(cfg["seed"]), int(cfg["data-seed"])
-    if cfg.get("privacy-state"):
-        job.federation.privacy.load_state_dict(json.loads(str(cfg["privacy-state"])))
-    broadcast = content.array_records["fedlight.global"]
-    arrays = uses_arrays(job)
-    if arrays:
-        start = record_to_state(broadcast, job.shared_names)
+    engine = job.engine
+    if cfg.get("privacy-state"):  # e.g. the adaptive clip bound the server's privacy plugin holds now
+        engine.privacy.load_state_dict(json.loads(str(cfg["privacy-state"])))
+    if uses_arrays(job):
+        start = record_to_state(content.array_records["fedlight.global"], job.shared_names)
+        payload = engine.client.downlink.encode(dtype_like(start, job.module))
     else:
-        start = job.client_pipeline.receive(record_to_bytes(broadcast))
-    client_state = _load_client_state(context)
-    result = job.local_fit(round_idx, client_id, steps, start, client_state.get("local"))
-    update = job.client_update(round_idx, client_id, start, result, client_state)
-    if job.module.local_names:
-        client_state["local"] = result.local
-    _save_client_state(context, client_state)
-    if arrays:  # identity codec: the payload is the fp32 delta; ship it as arrays
-        shipped = state_to_record(job.client_pipeline.uplink.decode(update.payload))
-    else:
-        shipped = bytes_to_record(update.payload)
-    metrics = MetricRecord(
-        {"num-examples": update.num_examples, "steps": result.steps, "uplink-bytes": update.num_bytes, **update.metrics}
+        payload = record_to_bytes(content.array_records["fedlight.global"])
+    broadcasts = {}
+    if "fedlight.broadcasts" in content.array_records:
+        broadcasts = {k: a.numpy().tobytes() for k, a in content.array_records["fedlight.broadcasts"].items()}
+    lost = (client_id,) if bool(cfg.get("lost", False)) else ()
+    plan = RoundPlan(round_idx, (client_id,), (client_id,), (steps,), lost=lost, batches=str(cfg.get("batches", "shuffle")))
+    update, late, client_state = job.train(
+        plan, payload, broadcasts, _load_client_state(context), int(cfg["seed"]), int(cfg["data-seed"])
     )
-    info = ConfigRecord({"client-id": client_id, "backbone": job.backbone_fingerprint()})
-    return RecordDict({"fedlight.update": shipped, "fedlight.metrics": metrics, "fedlight.info": info})
+    _save_client_state(context, client_state)
+    round = engine.round
+    losses = [float(x) for x in round.losses]
+    records: dict[str, Any] = {}
+    metrics: dict[str, Any] = {
+        "num-examples": job.population.client_sizes[client_id],
+        "train_loss": sum(losses) / max(len(losses), 1),
+        "losses": losses,
+        "steps": len(losses),
+    }
+    if update is not None:
+        if uses_arrays(job):  # passthrough codec: the payload is the fp32 delta; ship it as arrays
+            records[UPDATE_RECORD] = state_to_record(engine.client.uplink.decode(update.payload))
+        else:
+            records[UPDATE_RECORD] = bytes_to_record(update.payload)
+        if update.extras:
+            records[EXTRAS_RECORD] = payloads_to_record(update.extras)
+        metrics["uplink-bytes"] = update.num_bytes
+        metrics.update({f"{UPDATE_METRIC}{k}": float(v) for k, v in update.metrics.items()})
+    failed = round.failed.get(client_id, "")
+    info = {"client-id": client_id, "backbone": job.backbone_fingerprint(), "late": late, "failed": failed[-2000:]}
+    records[METRICS_RECORD] = MetricRecord(metrics)
+    records[INFO_RECORD] = ConfigRecord(info)
+    return RecordDict(records)
 
 
 def build_client_app(config: str | None = None) -> ClientApp:
@@ -233,6 +267,8 @@ def map_clients(grid: Grid, count: int, timeout: float) -> dict[int, int]:
 #: metric keys every ``train`` reply must carry (``steps``, ``uplink-bytes`` and others are informational)
 REQUIRED_METRICS = ("num-examples", "train_loss")
 UPDATE_RECORD, METRICS_RECORD, INFO_RECORD = "fedlight.update", "fedlight.metrics", "fedlight.info"
+EXTRAS_RECORD = "fedlight.extras"
+UPDATE_METRIC = "update."  # prefix of the update's own metrics (ClientUpdate.metrics) in fedlight.metrics
 NPY_STYPE = "numpy.ndarray"
 
 
@@ -249,16 +285,18 @@ class PlannedReply:
     round_idx: int
     num_examples: int  # the partition size the server knows, never the client's claim
     message_id: str = ""  # set by the Grid when it pushes the message ('' on a grid that assigns none)
+    steps: int = 0  # local steps planned (bounds the losses a reply may report); 0: unchecked
+    lost: bool = False  # the plan loses this client's update after training: only its losses count
 
 
 @dataclass
 class ScreenedReplies:
-    """One round's replies after :func:`screen_replies`: updates for ``ServerPipeline.aggregate`` and the rest."""
+    """One round's replies after :func:`screen_replies`: updates for the engine's round and the rest."""
 
-    updates: list[ClientUpdate] = field(default_factory=list)
-    losses: list[float] = field(default_factory=list)
-    rejected: dict[str, str] = field(default_factory=dict)  # "client K" / "node N" -> reason
-    failed: dict[int, str] = field(default_factory=dict)  # client id -> reason (no reply, error reply)
+    updates: list[ClientUpdate] = field(default_factory=list)  # in plan order, late updates last
+    losses: list[float] = field(default_factory=list)  # every local step's loss, in plan order
+    rejected: dict[int | str, str] = field(default_factory=dict)  # client id / "node N" -> reason
+    failed: dict[int, str] = field(default_factory=dict)  # client id -> reason (no reply, error reply, refused)
 
 
 def _npy_array(array: Any, shape: tuple[int, ...] | None, dtype: np.dtype, what: str) -> np.ndarray:
@@ -308,10 +346,27 @@ def _update_payload(record: Any, job: FedlightJob, global_state: State, arrays: 
     state = {
         name: torch.from_numpy(
             _npy_array(record[name], tuple(global_state[name].shape), fp32, f"{UPDATE_RECORD}[{name}]")
-        ).to(global_state[name].dtype)  # fp32 on the wire (numpy has no bf16); the delta's own dtype again
+        )  # deltas are fp32 (state.subtract), on the wire and in aggregation
         for name in names
     }
-    return job.client_pipeline.uplink.encode(state)
+    return job.engine.client.uplink.encode(state)
+
+
+def _extras(content: RecordDict, keys: set[str]) -> dict[str, bytes]:
+    """Features' uplink extras as bytes (decoding them is each feature's ``screen``); unknown keys refused."""
+    if EXTRAS_RECORD not in content.array_records:
+        return {}
+    record = content.array_records[EXTRAS_RECORD]
+    unknown = sorted(set(record) - keys)
+    if unknown:
+        raise ReplyRejected(f"{EXTRAS_RECORD}: no round feature has the keys {unknown[:5]}")
+    return {k: _npy_array(a, None, np.dtype(np.uint8), f"{EXTRAS_RECORD}[{k}]").tobytes() for k, a in record.items()}
+
+
+def _finite(value: Any, what: str) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise ReplyRejected(f"{what} {value!r} is not a finite number")
+    return float(value)
 
 
 def _check_metadata(reply: Message, planned: PlannedReply) -> None:
@@ -324,14 +379,21 @@ def _check_metadata(reply: Message, planned: PlannedReply) -> None:
         raise ReplyRejected(f"reply to message {meta.reply_to_message_id!r}, not to this round's {planned.message_id!r}")
 
 
+@dataclass
+class _Checked:
+    losses: list[float]
+    update: ClientUpdate | None = None
+    late: bool = False
+    failed: str = ""
+
+
 def _check_content(
     reply: Message, planned: PlannedReply, job: FedlightJob, global_state: State, backbone: str, arrays: bool
-) -> tuple[ClientUpdate, float]:
+) -> _Checked:
     from fedlight.core.update import ClientUpdate
 
     content = reply.content
     for key, records, kind in (
-        (UPDATE_RECORD, content.array_records, "ArrayRecord"),
         (METRICS_RECORD, content.metric_records, "MetricRecord"),
         (INFO_RECORD, content.config_records, "ConfigRecord"),
     ):
@@ -351,19 +413,37 @@ def _check_content(
     missing = [k for k in REQUIRED_METRICS if k not in metrics]
     if missing:
         raise ReplyRejected(f"metrics {missing} missing from {METRICS_RECORD}")
-    count, loss = metrics["num-examples"], metrics["train_loss"]
+    count = metrics["num-examples"]
     if type(count) is not int:
         raise ReplyRejected(f"num-examples is {type(count).__name__} {count!r}, not an int")
     if count <= 0:
         raise ReplyRejected(f"num-examples {count} is not positive")
     if count != planned.num_examples:
         raise ReplyRejected(f"claims {count} examples; the server planned {planned.num_examples} (its partition size)")
-    if type(loss) not in (int, float) or not math.isfinite(loss):
-        raise ReplyRejected(f"train_loss {loss!r} is not a finite number")
+    loss = _finite(metrics["train_loss"], "train_loss")
+    losses = metrics.get("losses", [loss])
+    if not isinstance(losses, list) or (planned.steps and len(losses) > planned.steps):
+        raise ReplyRejected(f"losses: {str(losses)[:60]} is not a list of at most {planned.steps} step losses")
+    checked = _Checked([_finite(x, "a step loss") for x in losses])
+    failed, late = info.get("failed", ""), info.get("late", False)
+    if type(failed) is not str or type(late) is not bool:
+        raise ReplyRejected(f"info: failed {failed!r} / late {late!r} are not a string / a bool")
+    if planned.lost:  # its update never arrives (the plan's dropout after training): losses only
+        return checked
+    if failed:
+        checked.failed = f"client reports: {failed}"
+        return checked
+    if UPDATE_RECORD not in content.array_records:
+        raise ReplyRejected(f"no ArrayRecord {UPDATE_RECORD!r} in the reply")
     payload = _update_payload(content.array_records[UPDATE_RECORD], job, global_state, arrays)
+    extras = _extras(content, {f.key for f in job.engine.features})
+    own = {
+        k[len(UPDATE_METRIC) :]: _finite(v, k) for k, v in metrics.items() if k.startswith(UPDATE_METRIC)
+    }  # the update's own metrics (ClientUpdate.metrics), e.g. a feature's update_norm
     # the planned count, never the claim (they are equal here, but only the server's figure is used)
-    update = ClientUpdate(planned.client_id, planned.num_examples, payload, {"train_loss": float(loss)})
-    return update, float(loss)
+    checked.update = ClientUpdate(planned.client_id, planned.num_examples, payload, own, extras)
+    checked.late = late
+    return checked
 
 
 def screen_replies(
@@ -371,11 +451,13 @@ def screen_replies(
 ) -> ScreenedReplies:
     """Sort one round's ``train`` replies into trusted updates, rejections and failures; never raises for a reply.
 
-    Per planned client (in plan order, as the in-process loop appends updates): no reply or an error reply
-    is a *failure* (as a client whose training raised is in-process); a reply that is duplicated, stale,
-    for another message or client, or malformed (missing records, tensors or metric keys, wrong types,
-    shapes or dtypes, a count other than the planned one, another backbone) is a *rejection*, and so is
-    every reply from a node that was not asked this round.
+    Per planned client (in plan order, as the in-process loop appends updates, with the updates a
+    feature sent late after the others, as its ``before_aggregate`` does): no reply, an error reply or
+    a client that reports it sent nothing is a *failure* (as a client whose training raised is
+    in-process); a reply that is duplicated, stale, for another message or client, or malformed
+    (missing records, tensors or metric keys, wrong types, shapes or dtypes, a count other than the
+    planned one, another backbone) is a *rejection*, and so is every reply from a node that was not
+    asked this round.
     """
     out = ScreenedReplies()
     arrays = uses_arrays(job)
@@ -386,14 +468,14 @@ def screen_replies(
     for node, extra in by_node.items():
         if node not in expected:
             out.rejected[f"node {node}"] = f"{len(extra)} reply(ies) from a node that was not asked this round"
+    late: list[ClientUpdate] = []
     for p in planned:
         got = by_node.get(p.node_id, [])
-        label = f"client {p.client_id}"
         if not got:
             out.failed[p.client_id] = "no reply within round-timeout"
             continue
         if len(got) > 1:
-            out.rejected[label] = f"{len(got)} replies to one message: none is used"
+            out.rejected[p.client_id] = f"{len(got)} replies to one message: none is used"
             continue
         reply = got[0]
         try:
@@ -401,138 +483,142 @@ def screen_replies(
             if reply.has_error():
                 out.failed[p.client_id] = f"error reply: {reply.error.reason}"
                 continue
-            update, loss = _check_content(reply, p, job, global_state, backbone, arrays)
+            checked = _check_content(reply, p, job, global_state, backbone, arrays)
         except ReplyRejected as err:
-            out.rejected[label] = str(err)
+            out.rejected[p.client_id] = str(err)
             continue
         except Exception as err:  # noqa: BLE001 (whatever a hostile reply triggers is a rejection, not a crash)
-            out.rejected[label] = f"malformed reply ({type(err).__name__}: {err})"
+            out.rejected[p.client_id] = f"malformed reply ({type(err).__name__}: {err})"
             continue
-        out.updates.append(update)
-        out.losses.append(loss)
+        out.losses.extend(checked.losses)
+        if checked.failed:
+            out.failed[p.client_id] = checked.failed
+        elif checked.update is not None:
+            (late if checked.late else out.updates).append(checked.update)
+    out.updates.extend(late)
     return out
 
 
 def _write_outputs(out: Path, global_state: State, history: list[dict[str, Any]]) -> None:
-    from safetensors.torch import save_file
+    """global_state.safetensors, rounds.json and rounds.csv (fedlight's writer), each replaced atomically."""
+    from safetensors.torch import save
 
-    from fedlight.core.runlog import CSV_COLUMNS
+    from fedlight.core.runlog import ROUNDS_CSV, write_csv
+    from fedlight.core.storage import atomic_write, atomic_write_text
 
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in global_state.items()}, str(out / "global_state.safetensors"))
-    (out / "rounds.json").write_text(json.dumps(history, indent=1))
-    cumulative = 0
-    for row in history:
-        cumulative += row.get("uplink_bytes", 0) + row.get("downlink_bytes", 0)
-        row["cumulative_mb"] = round(cumulative / 1e6, 6)
-    columns = list(CSV_COLUMNS)
-    for row in history:
-        columns.extend(k for k in row if k not in columns)
-    with (out / "rounds.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(history)
+    data = save({k: v.detach().contiguous() for k, v in global_state.items()})
+    atomic_write(out / "global_state.safetensors", lambda f: f.write(data))
+    atomic_write_text(out / "rounds.json", json.dumps(history, indent=1))
+    write_csv(history, out / ROUNDS_CSV)
 
 
 def _privacy_state(job: FedlightJob) -> str:
     """The privacy plugin's state (e.g. an adaptive clip bound) for the clients' copies; '' when stateless."""
-    state = job.federation.privacy.state_dict()
+    state = job.engine.privacy.state_dict()
     return json.dumps(state) if state else ""
 
 
-def run_server(grid: Grid, job: FedlightJob, out: Path | None, round_timeout: float, nodes_timeout: float) -> State:
-    """The federated loop: plan -> broadcast -> local fits on the nodes -> fedlight server pipeline."""
-    from fedlight.core.faults import TooFewClientsError
-    from fedlight_flower.job import round_generator
+def _due(every: int, round_idx: int, rounds: int) -> bool:
+    return bool(every) and (round_idx % every == 0 or round_idx == rounds)
 
-    fed = job.federation
+
+def _log(message: str) -> None:
+    print(f"[fedlight-flower] {message}", flush=True)
+
+
+def run_server(
+    grid: Grid, job: FedlightJob, out: Path | None, round_timeout: float, nodes_timeout: float
+) -> State:
+    """The federated loop on the engine: ``begin_round`` -> a ``train`` message per client -> screened
+    replies into the round -> ``end_round`` -> validation -> ``round_row``; round checkpoints and
+    adapter exports as ``federation.checkpoint_every`` / ``export_every`` say (under ``out``)."""
+    from fedlight.core.export import export_adapter
+
+    engine, options = job.engine, job.federation.options
     node_of = map_clients(grid, job.num_clients, nodes_timeout)
-    global_state = job.initial_global()
     arrays = uses_arrays(job)
     backbone = job.backbone_fingerprint()
-    history: list[dict[str, Any]] = []
-    if fed.eval_before_training:
-        row0 = {"round": 0, "num_clients": 0, "uplink_bytes": 0, "downlink_bytes": 0}
-        history.append({**row0, **job.evaluate(global_state)})
-    for round_idx in range(1, job.rounds + 1):
-        t0 = time.perf_counter()
-        plan = job.plan(round_idx)
-        payload = job.server_pipeline.broadcast(global_state)
-        broadcast = state_to_record(job.client_pipeline.receive(payload)) if arrays else bytes_to_record(payload)
-        # a client that drops after training (plan.lost) is not asked: its update would be discarded anyway
-        senders = [(c, s) for c, s in zip(plan.training, plan.steps) if c not in plan.lost]
+    if job.start_round == 1 and not engine.history and options.eval_before_training:
+        engine.append_row({"round": 0, "num_clients": 0, **job.evaluate()})
+        if out is not None:
+            _write_outputs(out, engine.global_state, engine.history)
+    elif job.start_round > 1:
+        _log(f"resuming after round {job.start_round - 1}")
+    for round_idx in range(job.start_round, job.rounds + 1):
+        r = engine.begin_round(round_idx)
+        global_state, plan = engine.global_state, r.plan
+        if arrays:
+            broadcast = state_to_record(engine.client.receive(r.payload))
+        else:
+            broadcast = bytes_to_record(r.payload)
+        content = {"fedlight.global": broadcast}
+        if r.broadcasts:
+            content["fedlight.broadcasts"] = payloads_to_record(r.broadcasts)
         privacy_state = _privacy_state(job)
-        messages = [
-            Message(
-                RecordDict(
-                    {
-                        "fedlight.global": broadcast,
-                        "fedlight.config": ConfigRecord(
-                            {
-                                "round": round_idx, "client-id": c, "steps": s, "seed": job.seed,
-                                "data-seed": job.data_seed, "privacy-state": privacy_state,
-                            }
-                        ),
-                    }
-                ),
-                dst_node_id=node_of[c],
-                message_type="train",
-                group_id=str(round_idx),
-            )
-            for c, s in senders
-        ]
+        messages = []
+        for c, steps in zip(plan.training, plan.steps, strict=True):
+            config = {
+                "round": round_idx, "client-id": c, "steps": steps, "lost": c in plan.lost, "batches": plan.batches,
+                "seed": engine.seed, "data-seed": job.data_seed, "privacy-state": privacy_state,
+            }  # fmt: skip
+            record = RecordDict({**content, "fedlight.config": ConfigRecord(config)})
+            messages.append(Message(record, dst_node_id=node_of[c], message_type="train", group_id=str(round_idx)))
+        # what each client receives, counted as the engine's start_client and the features count it
+        r.downlink += len(messages) * (len(r.payload) + sum(len(b) for b in r.broadcasts.values()))
         replies = list(grid.send_and_receive(messages, timeout=round_timeout))
         planned = [
-            PlannedReply(c, node_of[c], round_idx, job.dm.client_sizes[c], str(msg.metadata.message_id or ""))
-            for (c, _), msg in zip(senders, messages)
+            PlannedReply(
+                c, node_of[c], round_idx, job.population.client_sizes[c], str(msg.metadata.message_id or ""),
+                steps, c in plan.lost,
+            )  # fmt: skip
+            for c, steps, msg in zip(plan.training, plan.steps, messages, strict=True)
         ]  # the Grid set each message's id when it pushed it
         screened = screen_replies(replies, planned, job, global_state, backbone)
         for client_id, reason in screened.failed.items():
-            print(f"[fedlight-flower] round {round_idx}: client {client_id} failed: {reason}", flush=True)
-        updates, losses, failed = screened.updates, screened.losses, screened.failed
-        generator = round_generator(job.seed, round_idx, 0)
-        new_global, report = job.server_pipeline.aggregate(global_state, updates, generator)
-        fed.privacy.on_round_end()
-        if len(report.accepted) < fed.faults.min_clients:
-            message = f"round {round_idx}: {len(report.accepted)} accepted updates < federation.faults.min_clients"
-            if fed.faults.on_too_few_clients == "stop":
-                raise TooFewClientsError(message)
-            print(f"[fedlight-flower] {message}; round skipped, global model unchanged", flush=True)
-            new_global = global_state
-        rejected = {**screened.rejected, **{f"client {k}": v for k, v in report.rejected.items()}}
-        for who, reason in rejected.items():
-            print(f"[fedlight-flower] round {round_idx}: rejected reply of {who}: {reason}", flush=True)
-        global_state = new_global
-        row = {
-            "round": round_idx,
-            "num_clients": len(report.accepted),
-            "rejected": len(rejected),
-            "dropped": len(plan.dropped_before) + len(plan.lost),
-            "failed": len(failed),
-            "uplink_bytes": report.uplink_bytes,
-            "downlink_bytes": len(payload) * len(senders),
-            "train_loss": sum(losses) / max(len(losses), 1),
-            **job.evaluate(global_state),
-            "epsilon": fed.privacy.epsilon(),
-            "round_time_s": round(time.perf_counter() - t0, 3),
-        }
-        history.append(row)
-        print(f"[fedlight-flower] {json.dumps(row)}", flush=True)
+            _log(f"round {round_idx}: client {client_id} failed: {reason}")
+        r.updates.extend(screened.updates)
+        r.rejected.update(screened.rejected)
+        r.failed.update(screened.failed)
+        r.losses.extend(screened.losses)
+        r.clients_done = len(plan.training)
+        engine.end_round()
+        for who, reason in r.report.rejected.items():
+            label = who if isinstance(who, str) else f"client {who}"
+            _log(f"round {round_idx}: rejected reply of {label}: {reason}")
+        if r.skipped:
+            _log(f"round {round_idx}: {r.skipped}; round skipped, global model unchanged")
+        row = engine.round_row(job.evaluate())
+        _log(json.dumps(row))
         if out is not None:  # after every round: a killed run still leaves its last global state
-            _write_outputs(out, global_state, history)
-        if round_idx < job.rounds and fed.privacy.would_exceed(1):
-            print(f"[fedlight-flower] stopping after round {round_idx}: the privacy budget is spent", flush=True)
+            _write_outputs(out, engine.global_state, engine.history)
+            if _due(options.checkpoint_every, round_idx, job.rounds):
+                path = out / "checkpoints" / f"round-{round_idx:04d}.ckpt"
+                job.save_checkpoint(path)
+                from fedlight.core.storage import atomic_copy
+
+                atomic_copy(path, out / "checkpoints" / "last.ckpt")
+            if _due(options.export_every, round_idx, job.rounds):
+                adapter = out / "adapters" / f"round-{round_idx:04d}"
+                export_adapter(job.module, adapter, merged=options.export_merged, base_delta=engine.frozen_changes())
+        reason = engine.stop_reason()
+        if reason:
+            _log(f"stopping after round {round_idx}: {reason}")
             break
-    return global_state
+    return engine.global_state
 
 
 def build_server_app(config: str | None = None, out: str | None = None) -> ServerApp:
-    """A ServerApp for ``config`` (or, when None, the run config's ``config``/``out``)."""
+    """A ServerApp for ``config`` (or, when None, the run config's ``config``/``out``; ``resume``: a
+    fedlight-flower round checkpoint to continue from)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        job = get_job(_config_path(context, config))
+        from fedlight_flower.job import FedlightJob
+
+        path = _config_path(context, config)
+        resume = context.run_config.get(RESUME_KEY) or None
+        job = FedlightJob(path, resume=str(resume)) if resume else get_job(path)
         out_dir = out or context.run_config.get(OUT_KEY)
         run_server(
             grid,

@@ -1,7 +1,8 @@
 """``fedlight-flower`` (also ``fedlight flower``): run a fedlight YAML on Flower.
 
-    fedlight-flower simulate --config x.yaml [--out DIR] [--cpus-per-client 1] [--num-cpus N]
-        Flower Simulation Runtime (Ray), one virtual SuperNode per fedlight client (partition-id = client id).
+    fedlight-flower simulate --config x.yaml [--out DIR] [--cpus-per-client 1] [--num-cpus N] [--resume CKPT]
+        Flower Simulation Runtime (Ray), one virtual SuperNode per fedlight client (partition-id = client id);
+        round checkpoints in DIR/checkpoints (federation.checkpoint_every), exports in DIR/adapters.
     fedlight-flower deploy --config x.yaml --out DIR [--superlink HOST] [--port 8000] [--insecure]
         Write a Flower app directory (pyproject.toml with the run config pointing at the YAML), TLS
         material (a CA, the SuperLink's certificate, one authentication key per SuperNode) and a README
@@ -37,11 +38,14 @@ def simulate(
     cpus_per_client: float = 1.0,
     num_cpus: int | None = None,
     round_timeout: float = 3600,
+    resume: str | Path | None = None,
 ):
     """Run ``config`` in Flower's Simulation Runtime (Ray); returns the final global trainable state.
 
     One virtual SuperNode per fedlight client (``partition-id`` = client id). Ray runs
     ``num_cpus // cpus_per_client`` ClientApp actors at once; each actor builds the job once and reuses it.
+    ``resume``: a round checkpoint (``<out>/checkpoints/last.ckpt``) to continue from; client-side state
+    (``Context.state``) does not survive the restart, see docs/flower.md.
     """
     from flwr.simulation import run_simulation
 
@@ -49,7 +53,7 @@ def simulate(
     from fedlight_flower.job import FedlightJob
 
     config = str(Path(config).resolve())
-    job = FedlightJob(config)  # the server's copy: model for the initial state and validation
+    job = FedlightJob(config, resume=resume)  # the server's engine: initial state, aggregation, validation
     result: dict[str, object] = {}
 
     server_app = apps.ServerApp()
@@ -301,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     sim.add_argument("--out", help="write global_state.safetensors, rounds.csv and rounds.json here")
     sim.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per ClientApp actor")
     sim.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray may use (default: all)")
+    sim.add_argument("--resume", help="continue from this round checkpoint (e.g. OUT/checkpoints/last.ckpt)")
     dep = sub.add_parser("deploy", help="write a Flower app directory for a SuperLink/SuperNode deployment")
     dep.add_argument("--config", required=True)
     dep.add_argument("--out", required=True)
@@ -321,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t0 = time.perf_counter()
         if args.command == "simulate":
-            simulate(args.config, args.out, args.cpus_per_client, args.num_cpus)
+            simulate(args.config, args.out, args.cpus_per_client, args.num_cpus, resume=args.resume)
             print(f"[fedlight-flower] simulation finished in {time.perf_counter() - t0:.1f}s")
         elif args.command == "deploy":
             path = deploy(args.config, args.out, args.superlink, args.port, insecure=args.insecure)

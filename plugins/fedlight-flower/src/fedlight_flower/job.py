@@ -1,15 +1,20 @@
-"""A fedlight job outside Lightning's round loop: what a Flower ServerApp and ClientApp both need.
+"""A fedlight job for the Flower apps: the parsed config's RoundEngine, bound to its model and data.
 
 Everything is built from the fedlight YAML by fedlight's own CLI (``run_cli(..., run=False)``), so the
-task, PEFT method, data partition, codecs, privacy and aggregator are exactly those of ``fedlight fit``.
-The only new code is :meth:`FedlightJob.local_fit`: one client's local steps without the Trainer
-(candidate to move into ``fedlight.core.client``, see docs/flower.md).
+task, PEFT method, data partition, codecs, privacy, aggregator and round features are exactly those of
+``fedlight fit``: the job takes the ``federation:`` callback's :class:`~fedlight.core.engine.RoundEngine`,
+binds it to the population and data (``engine.bind``) and to the model (``engine.attach``), as the
+Lightning callback does, and never calls a Lightning hook. The ServerApp drives the engine's server
+half (``begin_round`` / ``end_round`` / ``round_row``); each ClientApp drives a client-only engine from
+the same config (``receive_round`` then :func:`fedlight.core.local.train_client`).
+
+What cannot run here is refused before round 1 by :func:`check_remote`, from capabilities the plugin
+classes declare (never by name), with the reason in the message.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -17,79 +22,100 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from fedlight.core.client import ClientPipeline, ClientState
-from fedlight.core.datamodule import ClientTaggedDataset, RoundBatchSampler, collate_with_client, resolve_seed
+from fedlight.attacks.base import Attack
+from fedlight.core.checkpoint import AtomicCheckpointIO
+from fedlight.core.client import ClientState
+from fedlight.core.datamodule import ClientTaggedDataset, RoundBatchSampler, collate_with_client
+from fedlight.core.engine import Population, RoundEngine
+from fedlight.core.local import train_client
 from fedlight.core.plan import RoundPlan
-from fedlight.core.round import FederatedRound
-from fedlight.core.server import ServerPipeline
+from fedlight.core.round import FederatedRound, check_trainer
+from fedlight.core.seeds import resolve_seed
 from fedlight.core.state import State
 from fedlight.core.update import ClientUpdate
-from fedlight.errors import ConfigError
+from fedlight.errors import CheckpointError, ConfigError
 from fedlight.privacy.base import Privacy
 
-#: ``federation:`` options the Flower engine runs as ``fedlight fit`` does; any other option must keep its
-#: default (new round-loop features are refused until the bridge implements them, never silently ignored)
-SUPPORTED_OPTIONS = frozenset(
-    {
-        "rounds", "clients_per_round", "local_steps", "local_epochs", "aggregator", "uplink_codec",
-        "downlink_codec", "privacy", "seed", "eval_before_training", "faults", "max_update_norm",
-        "client_sampling", "compute_tiers",
-        "checkpoint_every",  # no round checkpoints on Flower (the run has no resume): ignored
-    }
-)  # fmt: skip
+#: the trainer precisions ``train_client`` reproduces (it runs no precision plugin / autocast)
+FP32_PRECISIONS = ("32-true", "32", 32)
 
 
-def check_supported(options: Any, federation: FederatedRound) -> None:
-    """Raise ConfigError for a ``federation:`` option set away from its default that the bridge cannot run."""
-    import inspect
+def _refuse(option: str, why: str) -> ConfigError:
+    return ConfigError(f"{option} cannot run on fedlight-flower: {why}; run this config with `fedlight fit`")
 
-    defaults = {
-        name: p.default for name, p in inspect.signature(FederatedRound.__init__).parameters.items() if name != "self"
-    }
-    missing = object()
-    for name, default in defaults.items():
-        value = options.get(name, missing) if options is not None else missing
-        if name in SUPPORTED_OPTIONS or value is missing:
-            continue
-        if value is None or value == default or (default is None and value in (0, 0.0, False, {}, [])):
-            continue
-        if isinstance(default, (int, float, str, bool)) and value == default:
-            continue
-        raise ConfigError(
-            f"federation.{name} is not supported by fedlight-flower yet (got {value!r}); "
-            f"run this config with `fedlight fit`, or remove federation.{name}"
+
+def check_remote(federation: FederatedRound, trainer: Any) -> None:
+    """Refuse, before round 1, what a Flower deployment (clients in processes of their own) cannot run.
+
+    Each rule reads a capability of the configured plugin, so a third-party plugin that declares the
+    same capability as a built-in is treated the same. ``core.compat.check`` has already run (the
+    ``federation:`` options were validated when the callback was built).
+    """
+    o = federation.options
+    if o.secure_aggregation is not None:
+        raise _refuse(
+            "federation.secure_aggregation",
+            "SecAgg needs its multi-message protocol between the nodes (key agreement, masked uploads, "
+            "unmasking of dropped clients); the bridge sends one message per client per round",
         )
-    aggregator = federation.aggregator
-    if getattr(aggregator, "merges_into_base", False):
-        raise ConfigError(
-            f"federation.aggregator {aggregator.name!r} merges into the frozen base weights, which fedlight-flower "
-            "does not broadcast yet; use `fedlight fit` or another aggregator"
+    privacy = o.privacy
+    if privacy.per_sample or type(privacy).on_client_start is not Privacy.on_client_start:
+        raise _refuse(
+            f"federation.privacy {privacy.name!r}",
+            "it acts inside local training and its accountant counts each client's private steps there, on "
+            "the client, where the server's accountant never sees them; use a client-level mechanism "
+            "(dp_fedavg, local_dp)",
         )
-    privacy = federation.privacy
-    if getattr(privacy, "per_sample", False) or type(privacy).on_client_start is not Privacy.on_client_start:
-        raise ConfigError(
-            f"federation.privacy {privacy.name!r} acts inside local training, which fedlight-flower does not run "
-            "yet; use `fedlight fit`, or a client-level mechanism (dp_fedavg, local_dp)"
+    attack = o.attack
+    if attack is not None and attack.colludes and type(attack).poison_updates is not Attack.poison_updates:
+        raise _refuse(
+            f"federation.attack {attack.name!r}",
+            "its attackers collude (each crafted update depends on the other attackers' deltas or on one "
+            "random stream they draw in turn), and Flower clients cannot see each other's updates; use an "
+            "attack that declares `colludes = False` (sign_flip, scaling, label_flip)",
+        )
+    engine: RoundEngine = federation.engine
+    for feature in engine.features:
+        if feature.reads_client_store:
+            raise _refuse(
+                f"round feature {feature.name!r}",
+                "it reads clients' state (e.g. their local tensors) on the server, and on Flower that state "
+                "never leaves the clients",
+            )
+    if trainer.precision not in FP32_PRECISIONS:
+        raise _refuse(
+            f"trainer.precision {trainer.precision!r}",
+            "local training on Flower runs without Lightning's precision plugin (autocast / loss scaling)",
         )
 
 
-def round_generator(seed: int, round_idx: int, stream: int) -> torch.Generator:
-    """Same streams as ``fedlight.core.round._generator`` (0: server, 1000 + k: client k)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + round_idx) * 31 + stream)
-
-
-@dataclass
-class LocalResult:
-    trained: State
-    local: State
-    mean_loss: float
-    steps: int
+def _optimizer_of(configured: Any) -> torch.optim.Optimizer:
+    """The optimizer of ``configure_optimizers()``; a learning-rate scheduler is refused (Lightning steps it)."""
+    if isinstance(configured, dict):
+        if configured.get("lr_scheduler") is not None:
+            raise _refuse("lr_scheduler", "a scheduler is stepped by Lightning's loop across rounds")
+        configured = configured["optimizer"]
+    if isinstance(configured, (list, tuple)) and len(configured) == 2 and isinstance(configured[1], (list, tuple)):
+        if configured[1]:
+            raise _refuse("lr_scheduler", "a scheduler is stepped by Lightning's loop across rounds")
+        configured = configured[0]
+    while isinstance(configured, (list, tuple)):
+        if len(configured) != 1:
+            raise _refuse("configure_optimizers", "several optimizers need Lightning's manual optimisation")
+        configured = configured[0]
+    return configured
 
 
 class FedlightJob:
-    """Model, partitioned data and round callback of one fedlight config, ready for another engine."""
+    """Model, partitioned data and round engine of one fedlight config, for the ServerApp or a ClientApp.
 
-    def __init__(self, config: str | Path, overrides: list[str] | None = None) -> None:
+    ``resume``: a round checkpoint written by :meth:`save_checkpoint`; the engine's state is loaded
+    between ``bind`` and ``attach``, the order ``fedlight fit --ckpt_path`` uses.
+    """
+
+    def __init__(
+        self, config: str | Path, overrides: list[str] | None = None, resume: str | Path | None = None
+    ) -> None:
         from fedlight.cli import run_cli
 
         self.config = str(config)
@@ -106,26 +132,29 @@ class FedlightJob:
         if not federation:
             raise ConfigError("fedlight-flower needs the `federation:` section")
         self.federation: FederatedRound = federation[0]
-        check_supported(self.cli.config.get("federation"), self.federation)
+        self.engine: RoundEngine = self.federation.engine
+        check_remote(self.federation, self.trainer)
         self.dm.setup("fit")
+        check_trainer(self.trainer, self.federation.options, self.dm)
         self.module.build(self.dm.num_classes)
         self.module.to(self.device)
-        # fedlight's own run set-up, exactly as `fedlight fit` does it (checks, client sampling, compute
-        # tiers, privacy binding, LoRA-aware aggregation): the Trainer is given the data module as
-        # Trainer.fit would, then FederatedRound.setup / on_fit_start run unchanged
+        # what the module reads outside Lightning's loops (the validation split for generative metrics),
+        # as Trainer.fit would link them; no Lightning hook is called
         self.trainer.datamodule = self.dm
         self.dm.trainer = self.trainer
         self.module.trainer = self.trainer
-        self.federation.setup(self.trainer, self.module, "fit")
-        self.federation.on_fit_start(self.trainer, self.module)
-        if getattr(self.module, "private_step", None) is not None:
-            raise ConfigError(
-                f"fedlight-flower does not run per-example privacy ({self.federation.privacy.name!r}) yet: "
-                "use `fedlight fit`, or a client-level mechanism (dp_fedavg, local_dp)"
-            )
-        self.seed = resolve_seed(self.federation.seed)
+        _optimizer_of(self.module.configure_optimizers())  # a scheduler fails now, not in a client's round
+        self.population = Population(tuple(self.dm.client_sizes), self.dm.batch_size)
         self.data_seed = resolve_seed(self.dm.seed)
-        self.initial_local: State = self.module.peft.get_state(self.module.model, self.module.local_names)
+        self.start_round = 1
+        self.backbone_fingerprint()  # of the weights as built, before a resumed run's merged base is loaded
+        try:
+            self.engine.bind(self.population, self.dm)
+            if resume is not None:
+                self._load_checkpoint(Path(resume))
+            self.engine.attach(self.module)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
 
     # --- shared facts ---------------------------------------------------------------------------
 
@@ -135,16 +164,8 @@ class FedlightJob:
         return root if root is not None else torch.device("cpu")
 
     @property
-    def client_pipeline(self) -> ClientPipeline:
-        return self.federation.client
-
-    @property
-    def server_pipeline(self) -> ServerPipeline:
-        return self.federation.server
-
-    @property
     def rounds(self) -> int:
-        return self.federation.rounds
+        return self.engine.schedule.rounds
 
     @property
     def num_clients(self) -> int:
@@ -154,98 +175,117 @@ class FedlightJob:
     def shared_names(self) -> list[str]:
         return self.module.shared_names
 
-    def initial_global(self) -> State:
-        return self.module.peft.get_state(self.module.model, self.module.shared_names)
-
-    def plan(self, round_idx: int) -> RoundPlan:
-        """``FederatedRound.plan_for`` itself: same seed, round and sizes -> same clients and steps."""
-        return self.federation.plan_for(round_idx)
-
     def backbone_fingerprint(self) -> str:
-        """Digest of the frozen tensors: every process must hold the same backbone (same seed / weights)."""
+        """Digest of the frozen tensors as loaded (every process must hold the same backbone)."""
         import hashlib
 
-        digest = hashlib.sha256()
-        for name, param in self.module.model.named_parameters():
-            if not param.requires_grad:
-                flat = param.detach().reshape(-1)
-                sample = torch.cat([flat[:4096], flat[-4096:]]) if flat.numel() > 8192 else flat
-                digest.update(name.encode())
-                digest.update(str(tuple(param.shape)).encode())
-                digest.update(sample.float().cpu().numpy().tobytes())
-        return digest.hexdigest()[:16]
+        if not hasattr(self, "_fingerprint"):  # before any base merging changes them on this process
+            digest = hashlib.sha256()
+            for name, param in self.module.model.named_parameters():
+                if not param.requires_grad:
+                    flat = param.detach().reshape(-1)
+                    sample = torch.cat([flat[:4096], flat[-4096:]]) if flat.numel() > 8192 else flat
+                    digest.update(name.encode())
+                    digest.update(str(tuple(param.shape)).encode())
+                    digest.update(sample.float().cpu().numpy().tobytes())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
 
     # --- client side ----------------------------------------------------------------------------
 
-    def client_batches(self, round_idx: int, client_id: int, steps: int) -> DataLoader:
-        """The batches fedlight's in-process loop gives this client in this round (same sampler)."""
-        plan = RoundPlan(round_idx, (client_id,), (client_id,), (steps,))
-        sampler = RoundBatchSampler(plan, self.dm.client_indices, self.dm.batch_size, self.data_seed)
+    def client_batches(self, plan: RoundPlan, data_seed: int) -> DataLoader:
+        """The batches ``fedlight fit`` gives this one-client plan's client (the same sampler and seed)."""
+        sampler = RoundBatchSampler(plan, self.dm.client_indices, self.dm.batch_size, data_seed)
         return DataLoader(
             ClientTaggedDataset(self.dm.splits.train),
             batch_sampler=sampler,
             collate_fn=partial(collate_with_client, self.module.task.collate),
         )
 
-    def _fresh_optimizer(self) -> torch.optim.Optimizer:
-        configured: Any = self.module.configure_optimizers()  # LightningCLI's optimizer: section included
-        if isinstance(configured, dict):
-            configured = configured["optimizer"]
-        while isinstance(configured, (list, tuple)):
-            configured = configured[0]
-        return configured
+    def fresh_optimizer(self) -> torch.optim.Optimizer:
+        return _optimizer_of(self.module.configure_optimizers())  # LightningCLI's optimizer: section included
 
-    def local_fit(self, round_idx: int, client_id: int, steps: int, start: State, local: State | None) -> LocalResult:
-        """One client's local training, as ``FederatedRound`` + Lightning's automatic optimisation do it."""
-        module, peft = self.module, self.module.peft
-        peft.set_state(module.model, start)
-        peft.set_state(module.model, local if local is not None else self.initial_local)
-        module.train()
-        optimizer = self._fresh_optimizer()
-        clip = self.trainer.gradient_clip_val
-        params = [p for p in module.model.parameters() if p.requires_grad]
-        losses: list[float] = []
-        for batch in self.client_batches(round_idx, client_id, steps):
-            batch = module.transfer_batch_to_device(batch, self.device, 0)
-            optimizer.zero_grad(set_to_none=True)
-            loss = module.task.step(module.model, batch).loss
-            loss.backward()
-            if clip:
-                if self.trainer.gradient_clip_algorithm == "value":
-                    torch.nn.utils.clip_grad_value_(params, clip)
-                else:
-                    torch.nn.utils.clip_grad_norm_(params, clip)
-            optimizer.step()
-            losses.append(float(loss.detach()))
-        optimizer.zero_grad(set_to_none=True)
-        return LocalResult(
-            trained=peft.get_state(module.model, module.shared_names),
-            local=peft.get_state(module.model, module.local_names),
-            mean_loss=sum(losses) / max(len(losses), 1),
-            steps=len(losses),
-        )
+    def train(
+        self,
+        plan: RoundPlan,
+        payload: bytes,
+        broadcasts: dict[str, bytes],
+        client_state: ClientState,
+        seed: int,
+        data_seed: int,
+    ) -> tuple[ClientUpdate | None, bool, ClientState]:
+        """One client's round on a client-only engine: ``(update or None, sent late, its new client state)``.
 
-    def client_update(
-        self, round_idx: int, client_id: int, start: State, result: LocalResult, client_state: ClientState
-    ) -> ClientUpdate:
-        """delta -> privacy -> error feedback -> encode: fedlight's own client pipeline."""
-        return self.client_pipeline.finish(
+        ``plan`` names one client (lost or not, as the server planned it); ``payload``/``broadcasts``
+        are the server's ``begin_round`` output. The server's seeds win over this process's config, so
+        batches, masks and noise are those of ``fedlight fit``. "Late": a feature held the update back
+        at the client's end and sent it at ``before_aggregate`` (a malicious client's crafted update);
+        the server aggregates late updates after the others, in the in-process order.
+        """
+        engine = self.engine
+        (client_id,) = plan.training
+        if seed != engine.seed:  # the malicious set, compute tiers, … follow the server's seed
+            engine.seed = seed
+            engine.bind(self.population, self.dm)
+        round = engine.receive_round(plan, payload, broadcasts)
+        engine.client_store = {client_id: client_state} if client_state else {}
+        update = train_client(
+            engine,
             client_id,
-            start,
-            result.trained,
-            num_examples=self.dm.client_sizes[client_id],
-            generator=round_generator(self.seed, round_idx, 1000 + client_id),
-            client_state=client_state,
-            metrics={"train_loss": result.mean_loss},
+            self.client_batches(plan, data_seed),
+            self.fresh_optimizer,
+            transfer=lambda batch: self.module.transfer_batch_to_device(batch, self.device, 0),
+            clip_val=self.trainer.gradient_clip_val,
+            clip_algorithm=self.trainer.gradient_clip_algorithm or "norm",
         )
+        late = False
+        if update is None and client_id not in round.failed and client_id not in plan.lost:
+            for feature in engine.features:  # a feature held the update: it sends it now, as at round end
+                feature.before_aggregate(engine, round)
+            update = next((u for u in round.updates if u.client_id == client_id), None)
+            late = update is not None
+        return update, late, engine.client_store.get(client_id, {})
 
     # --- server side ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def evaluate(self, global_state: State) -> dict[str, float]:
-        """Validation metrics of a global state (the server's copy of the model, initial local tensors)."""
+    def evaluate(self) -> dict[str, float]:
+        """Validation metrics of the model as the engine left it (new global state, initial local tensors)."""
         module = self.module
-        module.peft.set_state(module.model, global_state)
-        module.peft.set_state(module.model, self.initial_local)
         loader = DataLoader(list(self.dm.splits.val), batch_size=self.dm.eval_batch_size, collate_fn=module.task.collate)
-        return module.evaluate(loader)  # the same evaluation as the in-process round 0
+        return module.evaluate(loader)  # the same evaluation as `fedlight fit`'s validation
+
+    def save_checkpoint(self, path: Path) -> None:
+        """The server's run state after round ``r``: the engine's ``state_dict`` (tensors and plain values
+        only) and the frozen weights a merging aggregator changed; written atomically, loaded pickle-free."""
+        params = dict(self.module.model.named_parameters())
+        state = {
+            "fedlight_flower": 1,
+            "round": self.engine.round.round,
+            "config": self.config,
+            "engine": self.engine.state_dict(),
+            "frozen": {n: params[n].detach().clone() for n in sorted(self.module.kept_frozen)},
+        }
+        AtomicCheckpointIO().save_checkpoint(state, path)
+
+    def _load_checkpoint(self, path: Path) -> None:
+        state = AtomicCheckpointIO().load_checkpoint(path)  # weights_only=True: a checkpoint cannot run code
+        if not isinstance(state, dict) or state.get("fedlight_flower") != 1:
+            raise CheckpointError(f"{path} is not a fedlight-flower round checkpoint (fedlight fit writes its own)")
+        self.engine.load_state_dict(state["engine"])
+        params = dict(self.module.model.named_parameters())
+        with torch.no_grad():
+            for name, value in state["frozen"].items():
+                if name not in params or params[name].shape != value.shape:
+                    raise CheckpointError(f"{path}: merged base weight {name} does not fit this model")
+                params[name].copy_(value)
+        peft, model = self.module.peft, self.module.model
+        peft.set_state(model, self.engine.global_state)
+        peft.set_state(model, self.engine.initial_local)
+        self.start_round = int(state["round"]) + 1
+
+
+def dtype_like(state: State, module: Any) -> State:
+    """``state`` in the dtypes of ``module``'s parameters (fp32 arrays on the wire; numpy has no bf16)."""
+    params = dict(module.model.named_parameters())
+    return {n: v.to(params[n].dtype) if n in params else v for n, v in state.items()}

@@ -1,7 +1,17 @@
-"""Entry-point module of fedlight-flower (group ``fedlight``).
+"""Entry-point module of fedlight-flower (group ``fedlight``): the ``flower`` engine subcommand.
 
-It implements none of fedlight's plugin hooks: the Flower bridge is an *engine* (``fedlight flower ...`` /
-``fedlight-flower ...``), not a task, PEFT method, codec, aggregator or privacy plugin. The entry point
-makes ``fedlight plugins`` list the package under "plugin packages", and lets a later engine hook kind
-(``fedlight_engines``) register it without a new install.
+The Flower bridge is an *engine*, not a task, PEFT method, codec, aggregator or privacy plugin: it
+implements ``fedlight_engines``, so ``fedlight flower ...`` runs :func:`fedlight_flower.cli.main`
+(core never imports fedlight_flower). ``fedlight plugins`` lists the package under "plugin packages".
 """
+
+from __future__ import annotations
+
+from fedlight.hookspecs import hookimpl
+
+
+@hookimpl
+def fedlight_engines() -> dict[str, object]:
+    from fedlight_flower.cli import main  # lazily: the CLI module imports nothing heavy, but Flower does later
+
+    return {"flower": main}
