@@ -361,7 +361,7 @@ def test_poisson_dp_fedavg_run_draws_poisson_cohorts_and_reports_their_epsilon(t
     assert [int(r["num_clients"]) for r in rows] == [len(c) for c in sizes]  # every sampled client was aggregated
     assert [int(r["dropped"]) for r in rows] == [0] * rounds  # the empty round's placeholder is not a dropout
     for r in range(1, rounds + 1):
-        assert sizes[r - 1] == plan_round(seed, r, run._dm.client_sizes, 2, 8, 1, None, poisson_rate=0.5).clients
+        assert sizes[r - 1] == plan_round(seed, r, run.engine.population.client_sizes, 2, 8, 1, None, poisson_rate=0.5).clients
     event = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(sigma)), rounds)
     assert float(rows[-1]["epsilon"]) == pytest.approx(_direct(event), rel=1e-9)
     assert all(math.isfinite(float(r["val_loss"])) for r in rows)
@@ -371,7 +371,7 @@ def test_dp_sgd_run_reports_the_epsilon_of_the_batches_it_drew(tmp_path):
     sigma = 1.2
     privacy = {"class_path": "dp_sgd", "init_args": {"noise_multiplier": sigma, "max_grad_norm": 1.0}}
     run = round_callback(run_fit(vision_config(tmp_path, federation={"rounds": 2, "local_steps": 2, "privacy": privacy}), tmp_path))
-    sizes, batch = run._dm.client_sizes, run._dm.batch_size
+    sizes, batch = run.engine.population.client_sizes, run.engine.population.batch_size
     steps: dict[int, int] = {}
     for r in (1, 2):
         plan = run.plan_for(r)

@@ -38,9 +38,15 @@ PLUGIN_KEYS: dict[str, str] = {
     "attack": "attacks",
     "client_method": "client_methods",
     "inner": "codecs",
+    "features": "round_features",
+    "evaluators": "evaluators",
 }
 
 PARSER_MODE = "fedlight"
+
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+#: how to install the engine subcommands fedlight knows of (any package can add one: hook ``fedlight_engines``)
+ENGINE_HINTS = {"flower": 'pip install "fedlight-flower[simulation]"'}
 
 
 def _resolve_class_path(name: str, kind: str | None, where: str) -> str:
@@ -63,7 +69,7 @@ def _resolve_class_path(name: str, kind: str | None, where: str) -> str:
 def resolve_plugin_names(node: Any, path: str = "", kind: str | None = None) -> Any:
     """Rewrite plugin short names to import paths; refuse unknown plugins and unlisted import paths."""
     if isinstance(node, list):
-        return [resolve_plugin_names(v, f"{path}[{i}]") for i, v in enumerate(node)]
+        return [resolve_plugin_names(v, f"{path}[{i}]", kind) for i, v in enumerate(node)]  # a list of plugins
     if isinstance(node, str) and (kind is not None or path.rsplit(".", 1)[-1] in ("optimizer", "lr_scheduler")):
         return _resolve_class_path(node, kind, path)
     if not isinstance(node, dict):
@@ -305,13 +311,6 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["plugins"]:
         print_plugins()
         return 0
-    if argv[:1] == ["flower"]:  # the engine switch: the same YAML on Flower (plugins/fedlight-flower)
-        try:
-            from fedlight_flower.cli import main as flower_main
-        except ImportError:
-            print('fedlight: error: `fedlight flower` needs: pip install "fedlight-flower[simulation]"', file=sys.stderr)
-            return 2
-        return flower_main(argv[1:])
     if argv[:1] == ["partitions"]:
         try:
             return show_partitions(argv[1:])
@@ -329,6 +328,15 @@ def main(argv: list[str] | None = None) -> int:
             return evaluate_main(argv[1:])
         except ConfigError as err:
             print(f"fedlight: error: {err}", file=sys.stderr)
+            return 2
+    if argv[:1] and not argv[0].startswith("-") and argv[0] not in LIGHTNING_SUBCOMMANDS:
+        from fedlight.plugins import engine_commands  # another engine runs the same YAML (a plugin package)
+
+        command = engine_commands().get(argv[0])
+        if command is not None:
+            return command(argv[1:])
+        if argv[0] in ENGINE_HINTS:
+            print(f"fedlight: error: `fedlight {argv[0]}` needs: {ENGINE_HINTS[argv[0]]}", file=sys.stderr)
             return 2
     try:
         run_cli(argv)

@@ -198,6 +198,18 @@ def build_registry(autoload: bool | None = None, extra: list[object] | None = No
     return registry
 
 
+def engine_commands() -> dict[str, object]:
+    """``{name: main}`` of every engine subcommand (``fedlight_engines``), e.g. ``flower`` from fedlight-flower.
+
+    Always with entry points: an engine is a separately installed package whatever the test switch says.
+    """
+    pm, _, _ = build_plugin_manager(autoload=True)
+    commands: dict[str, object] = {}
+    for result in pm.hook.fedlight_engines():
+        commands.update(result or {})
+    return commands
+
+
 _registry: Registry | None = None
 
 
