@@ -101,3 +101,44 @@ def test_a_feature_from_the_config_runs_at_its_points_and_is_checkpointed(tmp_pa
     ckpt = torch.load(next((tmp_path / "runs").rglob("last.ckpt")), weights_only=True)
     (state,) = [v for k, v in ckpt["callbacks"].items() if "FederatedRound" in k]
     assert state["update_norms"]["rounds_seen"] == 2
+
+
+def test_every_rounds_csv_column_reaches_a_real_tensorboard_logger(tmp_path):
+    """TensorBoard shows accuracy vs round and vs kB sent, bytes and epsilon; read back from the event file."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": str(tmp_path / "tb"), "name": "t"}}
+    privacy = {"class_path": "dp_fedavg", "init_args": {"noise_multiplier": 1.0, "clip_norm": 0.5}}
+    cfg = vision_config(
+        tmp_path,
+        trainer={"logger": logger},
+        federation={"rounds": 2, "checkpoint_every": 0, "privacy": privacy,
+                    "aggregator": {"class_path": "fedavg", "init_args": {"weighting": "uniform"}}},
+    )  # fmt: skip
+    fed = round_callback(run_fit(cfg, tmp_path))
+    (events,) = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for column in ("val_acc", "uplink_bytes", "downlink_bytes", "cumulative_mb", "epsilon", "num_clients", "rejected"):
+        assert f"round/{column}" in tags, column
+    val = acc.Scalars("round/val_acc")
+    assert [e.step for e in val] == [0, 1, 2]
+    assert [round(e.value, 6) for e in val] == [round(r["val_acc"], 6) for r in fed.history]
+    eps = acc.Scalars("round/epsilon")
+    assert eps[-1].value == pytest.approx(fed.history[-1]["epsilon"], rel=1e-6)
+    by_kb = acc.Scalars("round_by_kb/val_acc")
+    assert [e.step for e in by_kb] == [int(round(r["cumulative_mb"] * 1000)) for r in fed.history]
+
+
+def test_runs_print_no_lightning_tips_or_args_warning(tmp_path, capsys, caplog):
+    import logging
+    import warnings
+
+    caplog.set_level(logging.INFO)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_fit(vision_config(tmp_path, federation={"rounds": 1, "checkpoint_every": 0}), tmp_path)
+    text = capsys.readouterr().out + capsys.readouterr().err + caplog.text
+    assert "Tip:" not in text
+    assert not [w for w in caught if "args parameter" in str(w.message)]

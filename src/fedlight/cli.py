@@ -8,8 +8,10 @@ refuses unknown names with the list of available ones, before anything is instan
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 import yaml
@@ -241,6 +243,22 @@ def trainer_defaults() -> dict[str, Any]:
     }
 
 
+class _DropTips(logging.Filter):
+    """Lightning's advertising tips (litlogger, litmodels) say nothing about the run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_lightning() -> None:
+    """Drop the noise every run printed: unrelated tips, and LightningCLI's warning that ``args`` and
+    ``sys.argv`` are both set (fedlight always passes the arguments it parsed itself)."""
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropTips) for f in log.filters):
+        log.addFilter(_DropTips())
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+
+
 def run_cli(args: list[str] | None = None, run: bool = True):
     """Build (and by default run) the LightningCLI; returns the CLI object."""
     import jsonargparse
@@ -248,6 +266,7 @@ def run_cli(args: list[str] | None = None, run: bool = True):
     from fedlight.core.datamodule import FederatedDataModule
     from fedlight.core.module import FederatedModule
 
+    quiet_lightning()
     jsonargparse.set_loader(PARSER_MODE, load_config, exceptions=(yaml.YAMLError,))
     config_guard.install()
     if args is not None:

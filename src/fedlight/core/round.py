@@ -186,6 +186,7 @@ class FederatedRound(pl.Callback):
         if trainer.current_epoch == 0 and not engine.history and self.options.eval_before_training:
             engine.append_row({"round": 0, "num_clients": 0, **pl_module.evaluate(trainer.datamodule.val_dataloader())})
             self._log.write(engine.history, pl_module, 0)
+            log_row(trainer, engine.history[-1])
 
     # --- the round ------------------------------------------------------------------------------
 
@@ -224,8 +225,9 @@ class FederatedRound(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_") and v.numel() == 1}
-        self.engine.round_row(metrics)
+        row = self.engine.round_row(metrics)
         self._log.write(self.engine.history, pl_module, self.engine.round.round)
+        log_row(trainer, row)
         reason = self.engine.stop_reason()
         if reason:
             rank_zero_warn(f"[fedlight] stopping after round {self.engine.round.round}: {reason}")
@@ -242,6 +244,17 @@ class FederatedRound(pl.Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.engine.load_state_dict(state)
         restore_rng(state["rng"])
+
+
+def log_row(trainer: pl.Trainer, row: dict[str, Any]) -> None:
+    """Every numeric rounds.csv column to every Lightning logger: ``round/<column>`` against the round, and
+    ``round_by_kb/<column>`` against the cumulative kilobytes sent so far (accuracy vs communication)."""
+    values = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool) and k != "round"}
+    kb = int(round(row.get("cumulative_mb", 0.0) * 1000))
+    for logger in trainer.loggers:
+        logger.log_metrics({f"round/{k}": v for k, v in values.items()}, step=int(row["round"]))
+        logger.log_metrics({f"round_by_kb/{k}": v for k, v in values.items() if k.startswith("val_")}, step=kb)
+        logger.save()
 
 
 def check_trainer(trainer: pl.Trainer, options: FederationOptions, dm: FederatedDataModule) -> None:
