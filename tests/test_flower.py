@@ -157,12 +157,7 @@ def test_protocol_with_codec_error_feedback_privacy_and_dropouts_matches_in_proc
     assert any(r is not None for r in residuals)  # error feedback lives in Flower's node state
     assert grid.sent.count("query") == 4
     rows = yaml.safe_load((tmp_path / "out" / "rounds.json").read_text())
-    for ours, theirs in zip(rows, fed.history):
-        for key in ("num_clients", "uplink_bytes", "val_acc"):
-            assert ours[key] == pytest.approx(theirs[key], abs=1e-9), key
-        if ours["round"] > 0:
-            assert ours["dropped"] == theirs["dropped"]
-            assert ours["epsilon"] == pytest.approx(theirs["epsilon"])
+    _rows_match(rows, fed.history)  # lost clients train too (their losses and downlink count, as in-process)
     assert sum(r.get("dropped", 0) for r in rows) > 0  # the faults really fired
 
 
@@ -469,15 +464,188 @@ def test_map_clients_ignores_bad_identifications(flower_message_env):
         apps.map_clients(Grid(), 3, timeout=1)
 
 
-def test_unsupported_federation_options_fail_before_training(tmp_path):
+#: (federation / model / trainer overrides, what the refusal must say): only what needs Lightning's step
+#: loop, the clients' private state on the server or a multi-message protocol stays refused
+REFUSED = [
+    ({"federation": {"secure_aggregation": {"class_path": "fedlight.privacy.secure_round.SecureAggregation"}, "aggregator": {"class_path": "fedavg", "init_args": {"weighting": "uniform"}}}}, "multi-message protocol"),
+    ({"federation": {"privacy": {"class_path": "dp_sgd", "init_args": {"noise_multiplier": 0.8, "max_grad_norm": 1.0}}}}, "accountant counts each client's private steps"),
+    ({"federation": {"attack": "alie", "malicious_fraction": 0.34}}, "attackers collude"),
+    ({"federation": {"attack": {"class_path": "gaussian_noise", "init_args": {"std": 0.1}}, "malicious_fraction": 0.34}}, "attackers collude"),
+    ({"federation": {"personal_eval_every": 1}}, "reads clients' state"),
+    ({"trainer": {"precision": "bf16-mixed"}}, "precision plugin"),
+    ({"optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}, "lr_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1}}}, "stepped by Lightning's loop"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("overrides", "reason"), REFUSED, ids=[r for _, r in REFUSED])
+def test_refused_options_fail_before_training_with_the_reason(tmp_path, overrides, reason):
     from fedlight_flower.job import FedlightJob
 
-    cfg = flower_config(tmp_path, federation={"export_every": 1})
-    with pytest.raises(ConfigError, match="federation.export_every is not supported by fedlight-flower"):
+    cfg = flower_config(tmp_path, **overrides)
+    with pytest.raises(ConfigError, match=f"cannot run on fedlight-flower: .*{reason}"):
         FedlightJob(write(cfg, tmp_path / "bad.yaml"))
-    cfg = flower_config(tmp_path, federation={"attack": {"class_path": "sign_flip"}, "malicious_fraction": 0.34})
-    with pytest.raises(ConfigError, match="federation.attack is not supported"):
-        FedlightJob(write(cfg, tmp_path / "bad2.yaml"))
+
+
+def _rows_match(rows: list[dict], history: list[dict], val_atol: float = 1e-6) -> None:
+    """Every rounds.csv value of `fedlight fit` (but wall time) in the Flower rows: counts, bytes, losses and
+    feature metrics exactly; validation metrics to ``val_atol`` (Lightning's loop vs module.evaluate)."""
+    assert [r["round"] for r in rows] == [r["round"] for r in history]
+    for ours, theirs in zip(rows, history):
+        for key, value in theirs.items():
+            if key == "round_time_s":
+                continue
+            assert key in ours, (ours["round"], key)
+            if key.startswith("val_"):
+                assert ours[key] == pytest.approx(value, rel=val_atol, abs=val_atol), (ours["round"], key)
+            else:
+                assert ours[key] == value, (ours["round"], key, ours[key], value)
+
+
+def flower_and_fit(tmp_path: Path, cfg: dict, num_clients: int, grid_class=None):
+    """The same config through `fedlight fit` and through the ServerApp/ClientApp protocol (InMemoryGrid)."""
+    from fedlight_flower import apps
+    from fedlight_flower.job import FedlightJob
+
+    fit = round_callback(run_fit(cfg, tmp_path / "inproc"))
+    config = write(cfg, tmp_path / "flower.yaml")
+    grid = (grid_class or InMemoryGrid)(apps.build_client_app(str(config)), num_clients, {})
+    job = FedlightJob(config)
+    got = apps.run_server(grid, job, tmp_path / "out", round_timeout=60, nodes_timeout=5)
+    rows = yaml.safe_load((tmp_path / "out" / "rounds.json").read_text())
+    return fit, job, got, rows, grid
+
+
+SGD = {"optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05}}}
+LORA_FED = {"rounds": 3, "clients_per_round": 3, "local_steps": 2, "checkpoint_every": 0}
+
+#: id -> (config overrides, tolerance on the trainable state: 0 = bit-identical)
+FEATURES = {
+    "fedprox": ({"federation": {"client_method": {"class_path": "fedprox", "init_args": {"mu": 0.5}}}}, 0),
+    "scaffold+int8-error-feedback": (
+        {**SGD, "federation": {"client_method": "scaffold", "uplink_codec": {"class_path": "int8", "init_args": {"error_feedback": True}}}},
+        0,
+    ),
+    "label_flip+median": ({"federation": {"attack": "label_flip", "malicious_fraction": 0.5, "aggregator": "median"}}, 0),
+    "sign_flip+fedavg": ({"federation": {"attack": {"class_path": "sign_flip", "init_args": {"scale": 2.0}}, "malicious_fraction": 0.5}}, 0),
+    "scaling+max_norm_over_median": (
+        {"federation": {"attack": {"class_path": "scaling", "init_args": {"factor": 1e4}}, "malicious_fraction": 0.25, "max_norm_over_median": 50.0}},
+        0,
+    ),
+    "update_norms feature": ({"federation": {"features": [{"class_path": "update_norms"}]}}, 0),
+    "fedex_lora (base merging)": ({"model": {"peft": {"class_path": "lora", "init_args": {"r": 2}}}, "federation": {**LORA_FED, "aggregator": "fedex_lora"}}, 1e-6),
+    "flora (base merging)": ({"model": {"peft": {"class_path": "lora", "init_args": {"r": 2}}}, "federation": {**LORA_FED, "aggregator": "flora"}}, 1e-6),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(FEATURES))
+def test_round_feature_on_flower_equals_fedlight_fit(tmp_path, capsys, flower_message_env, case):
+    """Each engine feature through the ServerApp/ClientApp protocol == `fedlight fit`: the trainable state
+    (bit-identical, or to the stated tolerance where remote clients rebuild a merged base from its
+    broadcast total), every rounds.csv value, and the server-side state of the features."""
+    overrides, atol = FEATURES[case]
+    cfg = flower_config(tmp_path, data={"num_clients": 4}, **overrides)
+    cfg["federation"]["clients_per_round"] = 3  # >= 3 updates: the median guard is active
+    fit, job, got, rows, grid = flower_and_fit(tmp_path, cfg, 4)
+    assert list(got) == list(fit.global_state)
+    worst = max(float((got[k].float() - v.float()).abs().max()) for k, v in fit.global_state.items())
+    assert worst <= atol, (case, worst)
+    _rows_match(rows, fit.history, val_atol=1e-6 if atol == 0 else 1e-4)
+    engine = job.engine
+    if "scaffold" in case:  # the server control moved as in-process; client controls live in Flower's node state
+        server_c, fit_c = engine.feature("client_method").state_dict()["control"], fit.engine.feature("client_method").state_dict()["control"]
+        assert all(torch.equal(server_c[k], fit_c[k]) for k in fit_c)
+        for client, state in fit.client_store.items():
+            record = grid.contexts[1000 + client].state.array_records["fedlight.state.control"]
+            assert all(torch.equal(record.to_torch_state_dict()[k], v.float()) for k, v in state["control"].items())
+    if "attack" in str(overrides) or "flip" in case or "scaling" in case:
+        assert engine.feature("malicious_clients").malicious == fit.malicious and fit.malicious
+    if "scaling" in case:
+        assert sum(r.get("rejected", 0) for r in rows) > 0  # the median guard fired on Flower as in-process
+    if "base merging" in case:
+        merged = engine.frozen_changes()
+        assert merged and set(merged) == set(fit.base_total)
+        assert all(torch.equal(merged[k], fit.base_total[k]) for k in merged) or atol > 0
+        params = dict(job.module.model.named_parameters())
+        fit_params = dict(fit.engine.module.model.named_parameters())
+        assert max(float((params[k] - fit_params[k]).abs().max()) for k in merged) <= atol
+    with capsys.disabled():
+        print(f"\n{case}: max |flower - fit| = {worst:.3g}")
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    found = {}
+    for path in sorted(directory.rglob("*.safetensors")):
+        found.update({f"{path.relative_to(directory)}:{k}": v for k, v in load_file(str(path)).items()})
+    return found
+
+
+class ForgetfulGrid(InMemoryGrid):
+    """An InMemoryGrid whose nodes lose their Context.state before round ``forget`` (what a new Flower run is)."""
+
+    forget = 2
+
+    def send_and_receive(self, messages, *, timeout=None):
+        if any(m.metadata.message_type == "train" and m.metadata.group_id == str(self.forget) for m in messages):
+            for context in self.contexts.values():
+                context.state = RecordDict()
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+@pytest.mark.parametrize("client_state", [False, True], ids=["stateless-clients", "local-head+error-feedback"])
+def test_round_checkpoint_resume_and_export_on_flower(tmp_path, capsys, flower_message_env, client_state):
+    """Round checkpoints every round (pickle-free, atomic) and an adapter export after the last one. Resumed
+    from round 1 in a new run: without client-side state the run continues bit-identically (state, rows,
+    export; the export equals `fedlight fit`'s); with it, the clients' store starts empty, which the server
+    says, and the result is exactly that of a run whose nodes forgot their state after round 1."""
+    from fedlight_flower import apps
+    from fedlight_flower.job import FedlightJob
+
+    federation = {"rounds": 3, "clients_per_round": 2, "local_steps": 2, "checkpoint_every": 1, "export_every": 3}
+    if client_state:
+        federation["uplink_codec"] = {"class_path": "int8", "init_args": {"error_feedback": True}}
+        cfg = flower_config(tmp_path, federation=federation)
+    else:
+        cfg = flower_config(tmp_path, model={"peft": {"class_path": "lora", "init_args": {"r": 2, "head": "shared"}}}, federation=federation)
+    config = write(cfg, tmp_path / "flower.yaml")
+    client_app = apps.build_client_app(str(config))
+
+    def run(out, grid_class=InMemoryGrid, resume=None):
+        state = apps.run_server(grid_class(client_app, 3, {}), FedlightJob(config, resume=resume), tmp_path / out, 60, 5)
+        rows = yaml.safe_load((tmp_path / out / "rounds.json").read_text())
+        return state, [{k: v for k, v in r.items() if k != "round_time_s"} for r in rows]
+
+    full, full_rows = run("full")
+    ckpt = tmp_path / "full" / "checkpoints" / "round-0001.ckpt"
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["last.ckpt", "round-0001.ckpt", "round-0002.ckpt", "round-0003.ckpt"]
+    saved = torch.load(ckpt, weights_only=True)  # tensors and plain values only
+    assert saved["round"] == 1 and [r["round"] for r in saved["engine"]["history"]] == [0, 1]
+    capsys.readouterr()
+    resumed, resumed_rows = run("resumed", resume=ckpt)
+    log = capsys.readouterr().out
+    assert "resuming after round 1" in log
+    assert [r["round"] for r in resumed_rows] == [0, 1, 2, 3]
+    if not client_state:
+        assert "client-side state" not in log
+        assert all(torch.equal(resumed[k], full[k]) for k in full)
+        assert resumed_rows == full_rows
+        exported = _tensors(tmp_path / "resumed" / "adapters" / "round-0003")
+        assert exported and exported.keys() == _tensors(tmp_path / "full" / "adapters" / "round-0003").keys()
+        run_fit(cfg, tmp_path / "inproc")
+        (fit_export,) = list((tmp_path / "runs").rglob("adapters/round-0003"))  # the config's log dir
+        fit_tensors = _tensors(fit_export)
+        assert fit_tensors.keys() == exported.keys() and all(torch.equal(fit_tensors[k], exported[k]) for k in exported)
+    else:
+        assert "client-side state (local tensors, error-feedback residuals)" in log
+        forgot, forgot_rows = run("forgot", ForgetfulGrid)
+        assert all(torch.equal(resumed[k], forgot[k]) for k in forgot)
+        assert resumed_rows[2:] == forgot_rows[2:]
+        assert not all(torch.equal(resumed[k], full[k]) for k in full)  # the lost client state mattered
+    bad = tmp_path / "bad.ckpt"
+    torch.save({"round": 1}, bad)
+    with pytest.raises(ConfigError, match="not a fedlight-flower round checkpoint"):
+        FedlightJob(config, resume=bad)
 
 
 def test_quiet_offline_environment():

@@ -39,7 +39,6 @@ pipeline and the features' ``screen``).
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import math
@@ -92,7 +91,7 @@ def _config_path(context: Context, default: str | None) -> str:
 
 def _partition(context: Context) -> int:
     if PARTITION_KEY not in context.node_config:
-        raise ValueError(f"this SuperNode has no `{PARTITION_KEY}`: start it with --node-config \"{PARTITION_KEY}=K\"")
+        raise ValueError(f'this SuperNode has no `{PARTITION_KEY}`: start it with --node-config "{PARTITION_KEY}=K"')
     return int(context.node_config[PARTITION_KEY])
 
 
@@ -168,7 +167,9 @@ def client_train(job: FedlightJob, content: RecordDict, context: Context) -> Rec
     if "fedlight.broadcasts" in content.array_records:
         broadcasts = {k: a.numpy().tobytes() for k, a in content.array_records["fedlight.broadcasts"].items()}
     lost = (client_id,) if bool(cfg.get("lost", False)) else ()
-    plan = RoundPlan(round_idx, (client_id,), (client_id,), (steps,), lost=lost, batches=str(cfg.get("batches", "shuffle")))
+    plan = RoundPlan(
+        round_idx, (client_id,), (client_id,), (steps,), lost=lost, batches=str(cfg.get("batches", "shuffle"))
+    )
     update, late, client_state = job.train(
         plan, payload, broadcasts, _load_client_state(context), int(cfg["seed"]), int(cfg["data-seed"])
     )
@@ -376,7 +377,9 @@ def _check_metadata(reply: Message, planned: PlannedReply) -> None:
     if meta.group_id != str(planned.round_idx):
         raise ReplyRejected(f"reply for round {meta.group_id!r} in round {planned.round_idx} (stale or forged)")
     if planned.message_id and meta.reply_to_message_id != planned.message_id:
-        raise ReplyRejected(f"reply to message {meta.reply_to_message_id!r}, not to this round's {planned.message_id!r}")
+        raise ReplyRejected(
+            f"reply to message {meta.reply_to_message_id!r}, not to this round's {planned.message_id!r}"
+        )
 
 
 @dataclass
@@ -526,9 +529,7 @@ def _log(message: str) -> None:
     print(f"[fedlight-flower] {message}", flush=True)
 
 
-def run_server(
-    grid: Grid, job: FedlightJob, out: Path | None, round_timeout: float, nodes_timeout: float
-) -> State:
+def run_server(grid: Grid, job: FedlightJob, out: Path | None, round_timeout: float, nodes_timeout: float) -> State:
     """The federated loop on the engine: ``begin_round`` -> a ``train`` message per client -> screened
     replies into the round -> ``end_round`` -> validation -> ``round_row``; round checkpoints and
     adapter exports as ``federation.checkpoint_every`` / ``export_every`` say (under ``out``)."""
@@ -544,6 +545,12 @@ def run_server(
             _write_outputs(out, engine.global_state, engine.history)
     elif job.start_round > 1:
         _log(f"resuming after round {job.start_round - 1}")
+        lost = job.client_state_kinds()
+        if lost:
+            _log(
+                f"warning: client-side state ({', '.join(lost)}) lives in each node's Context.state and does "
+                "not survive a new run; clients continue from an empty store (docs/flower.md, Resume)"
+            )
     for round_idx in range(job.start_round, job.rounds + 1):
         r = engine.begin_round(round_idx)
         global_state, plan = engine.global_state, r.plan
@@ -568,9 +575,14 @@ def run_server(
         replies = list(grid.send_and_receive(messages, timeout=round_timeout))
         planned = [
             PlannedReply(
-                c, node_of[c], round_idx, job.population.client_sizes[c], str(msg.metadata.message_id or ""),
-                steps, c in plan.lost,
-            )  # fmt: skip
+                c,
+                node_of[c],
+                round_idx,
+                job.population.client_sizes[c],
+                str(msg.metadata.message_id or ""),
+                steps,
+                c in plan.lost,
+            )
             for c, steps, msg in zip(plan.training, plan.steps, messages, strict=True)
         ]  # the Grid set each message's id when it pushed it
         screened = screen_replies(replies, planned, job, global_state, backbone)

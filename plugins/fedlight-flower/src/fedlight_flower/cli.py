@@ -1,17 +1,17 @@
 """``fedlight-flower`` (also ``fedlight flower``): run a fedlight YAML on Flower.
 
-    fedlight-flower simulate --config x.yaml [--out DIR] [--cpus-per-client 1] [--num-cpus N] [--resume CKPT]
-        Flower Simulation Runtime (Ray), one virtual SuperNode per fedlight client (partition-id = client id);
-        round checkpoints in DIR/checkpoints (federation.checkpoint_every), exports in DIR/adapters.
-    fedlight-flower deploy --config x.yaml --out DIR [--superlink HOST] [--port 8000] [--insecure]
-        Write a Flower app directory (pyproject.toml with the run config pointing at the YAML), TLS
-        material (a CA, the SuperLink's certificate, one authentication key per SuperNode) and a README
-        with the commands that start a TLS SuperLink with SuperNode authentication, register and start
-        one SuperNode per client, and ``flwr run``. ``--insecure``: clear text, no authentication.
-    fedlight-flower local --config x.yaml --out DIR [--insecure]
-        That deployment on this machine: SuperLink + one SuperNode per client as local processes
-        (127.0.0.1 only, free ports, TLS + SuperNode authentication unless --insecure), ``flwr run``,
-        then everything is shut down.
+fedlight-flower simulate --config x.yaml [--out DIR] [--cpus-per-client 1] [--num-cpus N] [--resume CKPT]
+    Flower Simulation Runtime (Ray), one virtual SuperNode per fedlight client (partition-id = client id);
+    round checkpoints in DIR/checkpoints (federation.checkpoint_every), exports in DIR/adapters.
+fedlight-flower deploy --config x.yaml --out DIR [--superlink HOST] [--port 8000] [--insecure]
+    Write a Flower app directory (pyproject.toml with the run config pointing at the YAML), TLS
+    material (a CA, the SuperLink's certificate, one authentication key per SuperNode) and a README
+    with the commands that start a TLS SuperLink with SuperNode authentication, register and start
+    one SuperNode per client, and ``flwr run``. ``--insecure``: clear text, no authentication.
+fedlight-flower local --config x.yaml --out DIR [--insecure]
+    That deployment on this machine: SuperLink + one SuperNode per client as local processes
+    (127.0.0.1 only, free ports, TLS + SuperNode authentication unless --insecure), ``flwr run``,
+    then everything is shut down.
 """
 
 from __future__ import annotations
@@ -65,7 +65,12 @@ def simulate(
     num_cpus = num_cpus or os.cpu_count() or 1
     backend_config = {
         "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-        "init_args": {"num_cpus": num_cpus, "include_dashboard": False, "logging_level": "error", "log_to_driver": True},
+        "init_args": {
+            "num_cpus": num_cpus,
+            "include_dashboard": False,
+            "logging_level": "error",
+            "log_to_driver": True,
+        },
     }
     run_simulation(
         server_app=server_app,
@@ -298,7 +303,9 @@ def local(config: str | Path, out: str | Path, timeout: float = 1800, insecure: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedlight-flower", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fedlight-flower", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run in Flower's Simulation Runtime (Ray)")
     sim.add_argument("--config", required=True)
@@ -309,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     dep = sub.add_parser("deploy", help="write a Flower app directory for a SuperLink/SuperNode deployment")
     dep.add_argument("--config", required=True)
     dep.add_argument("--out", required=True)
-    dep.add_argument("--superlink", default="127.0.0.1", help="address SuperNodes and `flwr run` reach the SuperLink at")
+    dep.add_argument(
+        "--superlink", default="127.0.0.1", help="address SuperNodes and `flwr run` reach the SuperLink at"
+    )
     dep.add_argument("--port", type=int, default=8000, help="the SuperLink's HTTPS port")
     dep.add_argument(
         "--insecure", action="store_true",

@@ -191,6 +191,17 @@ class FedlightJob:
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
 
+    def client_state_kinds(self) -> list[str]:
+        """What this config keeps per client between rounds (in Flower's node state, not in the server's checkpoint)."""
+        o, kinds = self.federation.options, []
+        if self.module.local_names:
+            kinds.append("local tensors")
+        if o.uplink_codec.error_feedback:
+            kinds.append("error-feedback residuals")
+        if o.client_method is not None:
+            kinds.append(f"client_method {o.client_method.name!r} state")
+        return kinds
+
     # --- client side ----------------------------------------------------------------------------
 
     def client_batches(self, plan: RoundPlan, data_seed: int) -> DataLoader:
@@ -252,7 +263,9 @@ class FedlightJob:
     def evaluate(self) -> dict[str, float]:
         """Validation metrics of the model as the engine left it (new global state, initial local tensors)."""
         module = self.module
-        loader = DataLoader(list(self.dm.splits.val), batch_size=self.dm.eval_batch_size, collate_fn=module.task.collate)
+        loader = DataLoader(
+            list(self.dm.splits.val), batch_size=self.dm.eval_batch_size, collate_fn=module.task.collate
+        )
         return module.evaluate(loader)  # the same evaluation as `fedlight fit`'s validation
 
     def save_checkpoint(self, path: Path) -> None:
