@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from fedlight.aggregators.base import Aggregator
-from fedlight.core.state import State, add, weighted_sum
-from fedlight.core.update import DecodedUpdate
-from fedlight.hookspecs import hookimpl
+from fedlight import Aggregator, DecodedUpdate, State, add, hookimpl, weighted_sum
 
 
 class ServerLRFedAvg(Aggregator):
