@@ -28,7 +28,7 @@ from fedlight.core.federation import FederationOptions
 from fedlight.core.heterogeneity import ComputeTiers
 from fedlight.core.manifest import build_manifest, format_manifest, write_manifest
 from fedlight.core.module import FederatedModule
-from fedlight.core.round_callbacks import AdapterExport, RoundCheckpoint
+from fedlight.core.round_callbacks import AdapterExport, RoundCheckpoint, check_trainer, log_row
 from fedlight.core.runlog import RunLog
 from fedlight.core.server import DEFAULT_MAX_NORM_OVER_MEDIAN
 from fedlight.core.storage import check_writable, ensure_dir, release_loggers, remove_stale_tmp
@@ -111,20 +111,21 @@ class FederatedRound(pl.Callback):
         self._log: RunLog | None = None
 
     # what scripts and tests read of a run (the engine owns it)
-    global_state = property(lambda self: self.engine.global_state)
-    history = property(lambda self: self.engine.history)
-    client_store = property(lambda self: self.engine.client_store)
-    initial_local = property(lambda self: self.engine.initial_local)
-    client = property(lambda self: self.engine.client)
-    server = property(lambda self: self.engine.server)
+    _ENGINE_VIEWS = frozenset(
+        {"global_state", "history", "client_store", "initial_local", "client", "server", "privacy", "total_uplink",
+         "total_downlink"}
+    )  # fmt: skip
+
+    def __getattr__(self, name: str) -> Any:
+        if name in FederatedRound._ENGINE_VIEWS:
+            return getattr(self.engine, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     aggregator = property(lambda self: self.engine.server.aggregator)
-    privacy = property(lambda self: self.engine.privacy)
     faults = property(lambda self: self.options.faults)
     plan = property(lambda self: self.engine.round.plan if self.engine.round else None)
     client_method = property(lambda self: self.options.client_method)
     malicious = property(lambda self: getattr(self.engine.feature("malicious_clients"), "malicious", frozenset()))
-    total_uplink = property(lambda self: self.engine.total_uplink)
-    total_downlink = property(lambda self: self.engine.total_downlink)
     base_total = property(lambda self: self.engine.frozen_changes())  # what an export must fold in
 
     def plan_for(self, round_idx: int):
@@ -244,30 +245,3 @@ class FederatedRound(pl.Callback):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.engine.load_state_dict(state)
         restore_rng(state["rng"])
-
-
-def log_row(trainer: pl.Trainer, row: dict[str, Any]) -> None:
-    """Every numeric rounds.csv column to every Lightning logger: ``round/<column>`` against the round, and
-    ``round_by_kb/<column>`` against the cumulative kilobytes sent so far (accuracy vs communication)."""
-    values = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool) and k != "round"}
-    kb = int(round(row.get("cumulative_mb", 0.0) * 1000))
-    for logger in trainer.loggers:
-        logger.log_metrics({f"round/{k}": v for k, v in values.items()}, step=int(row["round"]))
-        logger.log_metrics({f"round_by_kb/{k}": v for k, v in values.items() if k.startswith("val_")}, step=kb)
-        logger.save()
-
-
-def check_trainer(trainer: pl.Trainer, options: FederationOptions, dm: FederatedDataModule) -> None:
-    """Trainer settings that would break the one-epoch-one-round mapping fail before round 1."""
-    if trainer.reload_dataloaders_every_n_epochs != 1:
-        raise ConfigError("trainer.reload_dataloaders_every_n_epochs must be 1: each round has its own batches")
-    if trainer.limit_train_batches not in (1.0, None):
-        raise ConfigError("trainer.limit_train_batches would cut rounds short; set federation.local_steps instead")
-    if trainer.accumulate_grad_batches != 1:
-        raise ConfigError("trainer.accumulate_grad_batches must be 1 (a batch must not span two clients)")
-    if options.clients_per_round > dm.num_clients:
-        raise ConfigError(
-            f"federation.clients_per_round ({options.clients_per_round}) exceeds data.num_clients ({dm.num_clients})"
-        )
-    if trainer.max_epochs != options.rounds:
-        raise ConfigError(f"trainer.max_epochs ({trainer.max_epochs}) must equal federation.rounds ({options.rounds})")

@@ -1,7 +1,6 @@
-"""Round checkpoints and adapter exports: ordinary Lightning callbacks that the federation callback adds.
-
-They run after ``FederatedRound`` at every round end (so the round's row is already in the history
-they save) and read the round from its engine.
+"""The Lightning side of a round besides the glue: round checkpoints and adapter exports (ordinary
+callbacks the federation callback adds, run after it at every round end, so the round's row is already in
+the history they save), the trainer checks, and round metrics for Lightning's loggers.
 """
 
 from __future__ import annotations
@@ -12,6 +11,7 @@ import lightning.pytorch as pl
 
 from fedlight.core.checkpoint import atomic_copy
 from fedlight.core.export import export_adapter
+from fedlight.errors import ConfigError
 
 
 def _due(every: int, round_idx: int, rounds: int) -> bool:
@@ -46,3 +46,30 @@ class AdapterExport(pl.Callback):
         if _due(self.every, r, self.federation.rounds) and trainer.is_global_zero:
             out = self.federation.log_dir(trainer) / "adapters" / f"round-{r:04d}"
             export_adapter(pl_module, out, merged=self.merged, base_delta=self.federation.engine.frozen_changes())
+
+
+def log_row(trainer: pl.Trainer, row: dict[str, Any]) -> None:
+    """Every numeric rounds.csv column to every Lightning logger: ``round/<column>`` against the round, and
+    ``round_by_kb/<column>`` against the cumulative kilobytes sent so far (accuracy vs communication)."""
+    values = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool) and k != "round"}
+    kb = int(round(row.get("cumulative_mb", 0.0) * 1000))
+    for logger in trainer.loggers:
+        logger.log_metrics({f"round/{k}": v for k, v in values.items()}, step=int(row["round"]))
+        logger.log_metrics({f"round_by_kb/{k}": v for k, v in values.items() if k.startswith("val_")}, step=kb)
+        logger.save()
+
+
+def check_trainer(trainer: pl.Trainer, options: Any, dm: Any) -> None:
+    """Trainer settings that would break the one-epoch-one-round mapping fail before round 1."""
+    if trainer.reload_dataloaders_every_n_epochs != 1:
+        raise ConfigError("trainer.reload_dataloaders_every_n_epochs must be 1: each round has its own batches")
+    if trainer.limit_train_batches not in (1.0, None):
+        raise ConfigError("trainer.limit_train_batches would cut rounds short; set federation.local_steps instead")
+    if trainer.accumulate_grad_batches != 1:
+        raise ConfigError("trainer.accumulate_grad_batches must be 1 (a batch must not span two clients)")
+    if options.clients_per_round > dm.num_clients:
+        raise ConfigError(
+            f"federation.clients_per_round ({options.clients_per_round}) exceeds data.num_clients ({dm.num_clients})"
+        )
+    if trainer.max_epochs != options.rounds:
+        raise ConfigError(f"trainer.max_epochs ({trainer.max_epochs}) must equal federation.rounds ({options.rounds})")
