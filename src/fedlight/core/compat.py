@@ -13,7 +13,9 @@ Capabilities read here (class attributes or methods of the plugin kinds):
 * codecs: ``passthrough`` (encodes tensors as they are: nothing to compress or lose);
 * privacy: ``requires_uniform_mean``, ``protects_updates``, ``per_sample``, ``secure_aggregation_problem()``;
 * client methods: ``sends_extra``, ``respects_client_views``;
-* round features: ``acts_in_local_training``.
+* round features: ``acts_in_local_training``;
+* tasks: ``quantized`` (the frozen base is 8/4-bit), with the peft method's ``merges_into_base`` and the
+  tensors it left trainable (:func:`check_model`).
 """
 
 from __future__ import annotations
@@ -92,3 +94,33 @@ def check_secure(c: Composition) -> None:
         )
     if c.clients_per_round < 2:
         raise ValueError(f"{where}: needs clients_per_round >= 2 (the sum of one client is its update)")
+
+
+def check_model(task: Any, peft: Any, model: Any, aggregator: Any = None) -> None:
+    """Rules between the task's base model, the PEFT method and the aggregator, run on the built model.
+
+    A quantized base (``task.quantized``) is frozen: no trainable tensor may be quantized (full
+    fine-tuning, a method that unfreezes quantized weights), and nothing may fold updates into it
+    (a PEFT method or aggregator declaring ``merges_into_base``). Trained float tensors on a quantized
+    base (LoRA factors, the task head, BitFit's biases) are fine.
+    """
+    if not getattr(task, "quantized", False):
+        return
+    from fedlight.core.quantized import is_quantized
+
+    method = task.quantization.method if getattr(task, "quantization", None) is not None else "quantized"
+    where = f"model.task.init_args.quantization ({method})"
+    trained = [n for n, p in model.named_parameters() if p.requires_grad and is_quantized(p)]
+    if trained:
+        raise ValueError(
+            f"{where}: PEFT method {peft.name!r} trains {len(trained)} quantized base tensors (e.g. {trained[:3]}), "
+            "which cannot take gradient steps; use an adapter method (lora, dora, ia3, ...) on the quantized base, "
+            "or drop quantization to fine-tune the base"
+        )
+    if getattr(peft, "merges_into_base", False):
+        raise ValueError(f"{where}: PEFT method {peft.name!r} folds updates into the frozen quantized base; use lora")
+    if aggregator is not None and getattr(aggregator, "merges_into_base", False):
+        raise ValueError(
+            f"{where}: federation.aggregator {aggregator.name!r} merges updates into the frozen base, which is "
+            "quantized here; use a non-merging aggregator (fedavg, fedadam, ...) or drop quantization"
+        )

@@ -10,7 +10,9 @@ Every parameter of a built :class:`~fedlight.core.module.FederatedModule` falls 
 client sends per round, as counted in ``rounds.csv``); ``full_model_bytes_per_round`` is the length of the
 identity (fp32) payload of all parameters of the plain base model (adapter tensors left out), i.e. what
 full fine-tuning would send. Their ratio is the
-communication reduction ``fedlight report`` shows.
+communication reduction ``fedlight report`` shows. ``base`` holds the base model's real memory: bytes of the
+storage its tensors hold (a torchao int8 weight counts its int8 data and scales, not the float32 its dtype
+reports), the same base in fp32, and the quantization method.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from fedlight.codecs import wire
 from fedlight.codecs.base import Codec
 from fedlight.codecs.identity import IdentityCodec
+from fedlight.core.quantized import is_quantized, logical_numel, tensor_bytes
 from fedlight.core.storage import atomic_write_text
 
 CATEGORIES = ("shared", "local", "frozen")
@@ -66,6 +69,29 @@ def full_model_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
         clean = n.removeprefix("base_model.model.").replace(".base_layer", "").replace(".original_module", "")
         shapes[clean] = tuple(p.shape)
     return shapes
+
+
+def base_memory(model: torch.nn.Module, quantization: Any = None) -> dict[str, Any]:
+    """Real memory of the base model (adapter tensors and peft's trainable head copies left out).
+
+    ``bytes``: storage its parameters and buffers hold; ``fp32_bytes``: the same tensors in float32;
+    ``quantized_tensors``: how many are quantized; ``quantization``: the task's method, or None.
+    """
+    base = set(full_model_shapes(model)) if hasattr(model, "get_base_model") else None
+    prefix = getattr(getattr(model, "base_model", None), "prefix", None) if base is not None else None
+    total = fp32 = quantized = 0
+    for name, tensor in {**dict(model.named_buffers()), **dict(model.named_parameters())}.items():
+        if base is not None and ((prefix and prefix in name) or ".modules_to_save." in name):
+            continue
+        total += tensor_bytes(tensor)
+        fp32 += 4 * logical_numel(tensor) if tensor.is_floating_point() or is_quantized(tensor) else tensor_bytes(tensor)
+        quantized += is_quantized(tensor)
+    return {
+        "bytes": total,
+        "fp32_bytes": fp32,
+        "quantized_tensors": quantized,
+        "quantization": getattr(quantization, "method", quantization),
+    }
 
 
 def _entry(name: str, param: torch.Tensor) -> dict[str, Any]:
@@ -120,11 +146,12 @@ def build_manifest(module, codec: Codec | None = None, downlink_codec: Codec | N
             "counts": {
                 "tensors": len(tensors),
                 "numel": numel,
-                "bytes": sum(params[n].numel() * params[n].element_size() for n in names[category]),
+                "bytes": sum(tensor_bytes(params[n]) for n in names[category]),
                 "fraction": numel / total_numel if total_numel else 0.0,
             },
         }
     manifest["total_numel"] = total_numel
+    manifest["base"] = base_memory(model, getattr(module.task, "quantization", None))
     shared_state = peft.get_state(model, names["shared"])
     manifest["shared_bytes_per_round"] = len(codec.encode(shared_state))
     if downlink_codec is not None:
@@ -173,6 +200,10 @@ def format_manifest(manifest: dict[str, Any]) -> str:
             f"  {category:<6} {c['tensors']:>5} tensors {_count(c['numel']):>8} params "
             f"({100 * c['fraction']:.3g}%)  {what[category]}"
         )
+    base = manifest.get("base")
+    if base:
+        how = f"{base['quantization']}, {base['quantized_tensors']} quantized tensors" if base["quantization"] else "not quantized"
+        lines.append(f"  base in memory: {_bytes(base['bytes'])} ({how}; fp32: {_bytes(base['fp32_bytes'])})")
     shared, full = manifest["shared_bytes_per_round"], manifest["full_model_bytes_per_round"]
     line = f"  uplink per client per round: {_bytes(shared)} ({manifest['codec']} codec)"
     if "downlink_bytes_per_client" in manifest:

