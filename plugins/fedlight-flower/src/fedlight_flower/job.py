@@ -29,7 +29,8 @@ from fedlight.core.datamodule import ClientTaggedDataset, RoundBatchSampler, col
 from fedlight.core.engine import Population, RoundEngine
 from fedlight.core.local import train_client
 from fedlight.core.plan import RoundPlan
-from fedlight.core.round import FederatedRound, check_trainer
+from fedlight.core.round import FederatedRound
+from fedlight.core.round_callbacks import check_trainer
 from fedlight.core.seeds import resolve_seed
 from fedlight.core.state import State
 from fedlight.core.update import ClientUpdate
