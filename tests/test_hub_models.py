@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import read_rounds, run_fit, text_config
+
 from fedlight.tasks.sources import hub_offline, looks_like_hub_id, resolve_model_source, weight_patterns
 
 REV = "0123456789abcdef0123456789abcdef01234567"
@@ -31,7 +31,7 @@ def offline_cache(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
 
-    def refuse(self, address):  # noqa: ARG001
+    def refuse(self, address):
         raise AssertionError(f"network access attempted: {address}")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
