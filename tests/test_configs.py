@@ -47,6 +47,9 @@ def shrink(cfg: dict, tmp_path: Path, tiny_bert_dir: Path, tiny_gpt2_dir: Path) 
         dataset.setdefault("init_args", {})["max_pairs"] = 80
     if _class_name(dataset) == "fashion_mnist":
         dataset.setdefault("init_args", {}).update(max_train=40, max_val=20)
+    if _class_name(dataset) == "hf_dataset":  # paths are relative to the repo root, as the README runs them
+        args = dataset["init_args"]
+        args.update(path=str(Path(__file__).parent.parent / args["path"]), cache_dir=str(tmp_path / "hf-cache"))
     return cfg
 
 
