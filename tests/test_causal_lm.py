@@ -114,7 +114,7 @@ def test_chat_template_used_only_when_asked_and_present(tiny_gpt2_dir, tiny_gpt2
 
 
 def test_missing_model_path_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist.*never downloads"):
+    with pytest.raises(FileNotFoundError, match="does not exist.*hub id"):
         CausalLM(str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         CausalLM(str(tmp_path))
