@@ -355,6 +355,7 @@ def test_bad_paths_and_options(tmp_path):
         (str(tmp_path / "emptyval"), {"val_split": "dev"}, ValueError, r"hf_dataset\.val_split: .*no split 'dev'; available: \['train', 'validation'\]"),
         (str(tmp_path / "blank.csv"), {}, ValueError, r"split 'train' of .*blank\.csv' is empty"),
         (str(tmp_path / "empty.parquet"), {}, ValueError, r"split 'train' of .* is empty"),
+        (str(tmp_path / "emptyval"), {"val_path": str(tmp_path / "ok.parquet")}, ValueError, r"hf_dataset\.val_path: .* is a save_to_disk folder.*val_split"),
         (str(tmp_path / "ok.parquet"), {"val_path": str(tmp_path / "missing.csv")}, FileNotFoundError, r"hf_dataset\.val_path: .*missing\.csv"),
     ]  # fmt: skip
     for path, kwargs, error, message in cases:
@@ -372,6 +373,7 @@ def test_bad_paths_and_options(tmp_path):
         ({"image_size": -2}, r"hf_dataset\.image_size must be >= 1"),
         ({"val_split": "train"}, r"hf_dataset\.val_split and train_split are both 'train'"),
         ({"format": "disk", "val_path": "x.csv"}, r"hf_dataset\.val_path is for data files"),
+        ({"metadata": ["source", "label"]}, r"hf_dataset\.metadata: \['label'\] are fedlight's own example fields"),
     ]
     for kwargs, message in constructor:
         with pytest.raises(ValueError, match=message):
@@ -448,3 +450,16 @@ def test_shipped_example_table_matches_its_generator():
     shipped = pa.parquet.read_table(str(root / "chatterbot_sites.parquet")).to_pydict()
     assert shipped == module.rows()
     assert len(set(shipped["site"])) >= 10
+
+
+def test_an_unused_empty_split_does_not_stop_the_run(tmp_path):
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("string")})
+    empty = datasets.Dataset.from_dict({"text": [], "label": []}, features=features)
+    full = datasets.Dataset.from_list([{"text": r["text"], "label": r["label"]} for r in BASE], features=features)
+    datasets.DatasetDict({"train": full, "validation": full.select([0, 1]), "test": empty}).save_to_disk(
+        str(tmp_path / "d")
+    )
+    splits = hf(tmp_path / "d", tmp_path).load()
+    assert len(splits.train) == len(BASE) and [e["text"] for e in splits.val] == ["t0", "t1"]
+    with pytest.raises(ValueError, match=r"hf_dataset: split 'test' of .* is empty"):
+        hf(tmp_path / "d", tmp_path, val_split="test").load()

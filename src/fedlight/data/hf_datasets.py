@@ -7,7 +7,7 @@ import glob
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -162,7 +162,6 @@ class HFDataset(Dataset):
     """
 
     name = "hf_dataset"
-    example_args: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,
@@ -193,6 +192,9 @@ class HFDataset(Dataset):
         for field, value in (("max_train", max_train), ("max_val", max_val), ("image_size", image_size)):
             if value is not None and value < 1:
                 raise ValueError(f"hf_dataset.{field} must be >= 1 or null, got {value}")
+        clashes = sorted(set(metadata or []) & set(FIELDS))
+        if clashes:
+            raise ValueError(f"hf_dataset.metadata: {clashes} are fedlight's own example fields; list other columns")
         if val_path is not None and format == "disk":
             raise ValueError(
                 "hf_dataset.val_path is for data files; a save_to_disk folder names its splits (val_split)"
@@ -232,6 +234,11 @@ class HFDataset(Dataset):
                 raise FileNotFoundError(
                     f"hf_dataset.path: {self.path!r} is not a save_to_disk folder (no dataset_info.json + state.json "
                     "or dataset_dict.json)"
+                )
+            if self.val_path is not None:
+                raise ValueError(
+                    f"hf_dataset.val_path: {self.path!r} is a save_to_disk folder, which names its own splits; "
+                    "drop val_path and pick one with val_split"
                 )
             if not (root / "dataset_dict.json").is_file():
                 return {self.train_split: datasets.load_from_disk(str(root))}
