@@ -15,7 +15,6 @@ from fedlight.core.state import State, add, subtract
 from fedlight.core.update import ClientUpdate
 from fedlight.privacy.base import Privacy
 
-
 #: one client's persistent state between rounds, by purpose: "local" (tensors that never leave the
 #: client), "residual" (codec error feedback), and whatever client-side methods need (e.g. "control")
 ClientState = dict[str, State]
@@ -28,6 +27,9 @@ class ClientPipeline:
         self.privacy = privacy
         #: why the last :meth:`finish` sent nothing (None: it sent, or the round as a whole failed)
         self.refusal: str | None = None
+        #: the tensors the last :meth:`finish` encoded, when decoding its payload gives them back bit for bit
+        #: (a ``passthrough`` uplink on fp32 tensors): an in-process server may use them instead of decoding
+        self.sent_state: State | None = None
 
     def begin_round(self, engine: Any, round: Any) -> None:
         """Round start (the engine and its ``RoundState``); the plain pipeline has nothing to set up."""
@@ -52,6 +54,7 @@ class ClientPipeline:
         ``error_feedback`` keeps its residual there (``"residual"``), so what was lost this round is
         sent next round and the transmitted sum tracks the true sum.
         """
+        self.sent_state = None
         delta = self.privacy.client_transform(subtract(trained, start), generator)
         if self.uplink.error_feedback:
             residual = client_state.get("residual")
@@ -60,4 +63,6 @@ class ClientPipeline:
             client_state["residual"] = subtract(corrected, self.uplink.decode(payload))
         else:
             payload = self.uplink.encode(delta)
+            lossless = self.uplink.passthrough and all(v.dtype == torch.float32 for v in delta.values())
+            self.sent_state = delta if lossless else None
         return ClientUpdate(client_id, num_examples, payload, dict(metrics or {}))

@@ -90,6 +90,8 @@ class RoundState:
     downlink: int = 0
     losses: list[float] = field(default_factory=list)
     clients_done: int = 0
+    #: ``payload`` decoded once per round (every client of the round receives the same bytes)
+    received: State | None = None
     report: AggregationReport | None = None
     skipped: str | None = None  # why the global model did not change this round
     metrics: dict[str, float] = field(default_factory=dict)  # features' per-round values
@@ -147,6 +149,9 @@ class RoundEngine:
         # the round and client in progress
         self.round: RoundState | None = None
         self.current: ClientRun | None = None
+        #: the model's shared / local tensor names, read once at :meth:`attach` (they never change in a run)
+        self.shared_names: list[str] = []
+        self.local_names: list[str] = []
 
     # --- run set-up ----------------------------------------------------------------------------
 
@@ -169,10 +174,14 @@ class RoundEngine:
 
     def attach(self, module: Any) -> None:
         """The model this process trains: a fresh run reads its initial state from it."""
+        from fedlight.core import compat  # base-model rules (quantized base) need task, PEFT method and aggregator
+
+        compat.check_model(module.task, module.peft, module.model, self.server.aggregator)
         self.module = module
+        self.shared_names, self.local_names = list(module.shared_names), list(module.local_names)
         if self.global_state is None:
-            self.global_state = module.peft.get_state(module.model, module.shared_names)
-            self.initial_local = module.peft.get_state(module.model, module.local_names)
+            self.global_state = module.peft.get_state(module.model, self.shared_names)
+            self.initial_local = module.peft.get_state(module.model, self.local_names)
         else:
             self._check_resumed_state(module)
         try:
@@ -245,12 +254,17 @@ class RoundEngine:
     def start_client(self, client_id: int) -> ClientRun:
         """Load what client ``client_id`` receives into the model; fresh optimizer state is the caller's."""
         r = self.round
-        start = self.server.aggregator.client_view(self.client.receive(r.payload), client_id)
+        if r.received is None:  # decoded once: the same bytes decode to the same tensors for every client
+            r.received = self.client.receive(r.payload)
+        # a new dict over the shared decoded tensors: nothing writes into a client's start state in place
+        start = self.server.aggregator.client_view(dict(r.received), client_id)
         r.downlink += len(r.payload)
         self.current = ClientRun(client_id, start)
         peft, model = self.module.peft, self.module.model
         peft.set_state(model, start)
-        peft.set_state(model, self.client_store.get(client_id, {}).get("local", self.initial_local))
+        local = self.client_store.get(client_id, {}).get("local", self.initial_local)
+        if local:
+            peft.set_state(model, local)
         self.privacy.on_client_start(client_id, self.generator(Stream.LOCAL_TRAINING, client_id))
         for feature in self.features:
             feature.on_client_start(self, self.current)
@@ -287,15 +301,15 @@ class RoundEngine:
         if run.client_id in r.failed or run.client_id in r.plan.lost:
             return None  # a crashed client, or one whose update never arrives
         module = self.module
-        trained = module.peft.get_state(module.model, module.shared_names)
+        trained = module.peft.get_state(module.model, self.shared_names)
         for feature in self.features:
             if feature.hold_update(self, run, trained):
                 return None  # e.g. a malicious client: the attack sends for it at round end
         update = self.send(run.client_id, run.start, trained, {"train_loss": run.mean_loss})
         for feature in self.features:
             feature.on_client_end(self, run, trained, update)
-        if module.local_names:
-            self.client_store[run.client_id]["local"] = module.peft.get_state(module.model, module.local_names)
+        if self.local_names:
+            self.client_store[run.client_id]["local"] = module.peft.get_state(module.model, self.local_names)
         return update
 
     def send(self, client_id: int, start: State, trained: State, metrics: dict[str, float]) -> ClientUpdate | None:
@@ -314,6 +328,8 @@ class RoundEngine:
             if self.client.refusal:  # the client pipeline declined to send (not a protocol-wide failure)
                 self.round.failed[client_id] = self.client.refusal
         else:
+            if self.client.sent_state is not None:  # lossless in-process: the server need not decode it
+                self.server.remember(update.payload, self.client.sent_state)
             self.round.updates.append(update)
         return update
 
@@ -347,7 +363,8 @@ class RoundEngine:
             feature.on_aggregated(self, r, report, changed=r.skipped is None)
         self.global_state = new_global
         self.module.peft.set_state(self.module.model, new_global)
-        self.module.peft.set_state(self.module.model, self.initial_local)
+        if self.initial_local:
+            self.module.peft.set_state(self.module.model, self.initial_local)
         return r
 
     def skips_round(self, accepted: int) -> bool:

@@ -107,6 +107,17 @@ class ServerPipeline:
         self.downlink = downlink
         self.aggregator = aggregator
         self.privacy = privacy
+        #: in-process decode shortcut: id(payload) -> (payload, the tensors it decodes to), see :meth:`remember`
+        self._known: dict[int, tuple[bytes, State]] = {}
+
+    def remember(self, payload: bytes, state: State) -> None:
+        """``payload`` (built in this process) decodes to ``state`` bit for bit: :meth:`aggregate` skips its decode.
+
+        Only for lossless passthrough encodings (``ClientPipeline.sent_state``); the update is still
+        validated and its bytes counted as ``len(payload)``. Keyed by the payload object itself, so a
+        payload that arrives from anywhere else (a peer, an attack) is always decoded.
+        """
+        self._known[id(payload)] = (payload, state)
 
     def broadcast(self, global_state: State) -> bytes:
         return self.downlink.encode(global_state)
@@ -122,11 +133,12 @@ class ServerPipeline:
         are reported as rejected with that reason.
         """
         report = AggregationReport(uplink_bytes=sum(_length(u.payload) for u in updates))
+        known, self._known = self._known, {}
         decoded: list[DecodedUpdate] = []
         norms: list[float] = []
         for update in updates:
             try:
-                delta = self.decode_update(update, global_state)
+                delta = self.decode_update(update, global_state, known)
                 norms.append(global_norm(delta))
             except Exception as err:  # noqa: BLE001 - one update must never take the round down
                 report.rejected[update.client_id] = rejection_reason(err)
@@ -146,12 +158,18 @@ class ServerPipeline:
             return global_state, report
         return new_global, report
 
-    def decode_update(self, update: ClientUpdate, global_state: State) -> State:
+    def decode_update(
+        self, update: ClientUpdate, global_state: State, known: dict[int, tuple[bytes, State]] | None = None
+    ) -> State:
         """One update's delta, decoded against the global state and validated; raises if it is unusable."""
         n = update.num_examples
         if type(n) is not int or n < 1:
             raise ValueError(f"num_examples must be a positive integer, got {str(n)[:40]}")
-        delta = self.uplink.decode(update.payload, reference=global_state)
+        entry = (known or {}).get(id(update.payload))
+        if entry is not None and entry[0] is update.payload:  # built here, lossless: decoding gives these back
+            delta = entry[1]
+        else:
+            delta = self.uplink.decode(update.payload, reference=global_state)
         validate_delta(delta, global_state, self.max_update_norm)
         return delta
 
