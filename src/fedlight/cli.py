@@ -284,16 +284,28 @@ def run_cli(args: list[str] | None = None, run: bool = True):
 
 
 def print_plugins(stream=None) -> None:
-    from fedlight.plugins import KINDS, get_registry
+    """Every plugin by kind. Built-ins come from the generated index (no torch, Lightning or models
+    imported); only installed plugin packages (entry points) are imported, to list their classes."""
+    import importlib.metadata
+
+    from fedlight.plugin_index import BUILTINS
+    from fedlight.plugins import BUILTIN_PROVIDER, ENTRY_POINT_GROUP, autoload_enabled, build_registry
 
     stream = stream or sys.stdout
-    registry = get_registry()
-    for kind in KINDS:
+    rows = {kind: {name: (summary, BUILTIN_PROVIDER) for name, _, summary in entries} for kind, entries in BUILTINS.items()}
+    failures: dict[str, str] = {}
+    if autoload_enabled() and list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)):
+        registry = build_registry(builtins=False)
+        failures = registry.failures
+        for kind, table in registry.entries.items():
+            for name, entry in table.items():
+                rows[kind][name] = (entry.cls.summary(), entry.provider)
+    for kind, table in rows.items():
         print(f"{kind}:", file=stream)
-        for name in registry.names(kind):
-            entry = registry.entries[kind][name]
-            print(f"  {name:<22} {entry.cls.summary()}  [{entry.provider}]", file=stream)
-    for package, error in sorted(registry.failures.items()):
+        for name in sorted(table):
+            summary, provider = table[name]
+            print(f"  {name:<22} {summary}  [{provider}]", file=stream)
+    for package, error in sorted(failures.items()):
         print(f"failed to load plugin package {package}: {error.splitlines()[0]}", file=stream)
     print_plugin_packages(stream)
 
@@ -323,10 +335,32 @@ def show_partitions(argv: list[str]) -> int:
     return show(argv)
 
 
+TOP_HELP = """usage: fedlight <command> [options]
+
+Federated fine-tuning of foundation models with parameter-efficient methods (PyTorch Lightning).
+
+commands:
+  fit         train: one Lightning epoch == one federated round   (fedlight fit --config x.yaml)
+  validate    evaluate a model on the validation split           (LightningCLI)
+  test        evaluate a model on the test split                 (LightningCLI)
+  predict     run prediction                                     (LightningCLI)
+  plugins     list every registered plugin by kind, with the package that provides it
+  partitions  per-client histograms of a config's partition     (fedlight partitions --help)
+  report      summary and plots of a run directory              (fedlight report --help)
+  evaluate    evaluation suites on an exported adapter, no training
+  <engine>    another engine from a plugin package on the same YAML (e.g. `fedlight flower`)
+
+`fedlight <command> --help` prints that command's options (for fit/validate/test/predict: every
+config key, e.g. `fedlight fit --help`; `fedlight fit --print_config` prints a full config)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):  # the commands, without importing Lightning (``fit --help``: all options)
+        print(TOP_HELP)
+        return 0
     if argv[:1] == ["plugins"]:
         print_plugins()
         return 0

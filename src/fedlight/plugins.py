@@ -15,22 +15,12 @@ import pkgutil
 import traceback
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Any
 
 import pluggy
 
 from fedlight import hookspecs
-from fedlight.aggregators.base import Aggregator
-from fedlight.attacks.base import Attack
-from fedlight.client_methods.base import ClientMethod
-from fedlight.codecs.base import Codec
-from fedlight.data.base import Dataset
 from fedlight.errors import ConfigError
-from fedlight.evaluators.base import Evaluator
-from fedlight.features.base import RoundFeature
-from fedlight.partitioners.base import Partitioner
-from fedlight.peft.base import PeftMethod
-from fedlight.privacy.base import Privacy
-from fedlight.tasks.base import Task
 
 ENTRY_POINT_GROUP = "fedlight"
 DISABLE_AUTOLOAD_ENV = "FEDLIGHT_DISABLE_PLUGIN_AUTOLOAD"
@@ -41,20 +31,40 @@ def autoload_enabled() -> bool:
     """Whether entry-point plugins load (``FEDLIGHT_DISABLE_PLUGIN_AUTOLOAD=1|true|yes`` turns it off)."""
     return os.environ.get(DISABLE_AUTOLOAD_ENV, "") not in ("1", "true", "yes")
 
-#: kind -> (hook name, base class). Adding a kind is one line here plus one hookspec.
-KINDS: dict[str, tuple[str, type]] = {
-    "tasks": ("fedlight_tasks", Task),
-    "datasets": ("fedlight_datasets", Dataset),
-    "partitioners": ("fedlight_partitioners", Partitioner),
-    "peft_methods": ("fedlight_peft_methods", PeftMethod),
-    "codecs": ("fedlight_codecs", Codec),
-    "aggregators": ("fedlight_aggregators", Aggregator),
-    "privacy": ("fedlight_privacy", Privacy),
-    "attacks": ("fedlight_attacks", Attack),
-    "client_methods": ("fedlight_client_methods", ClientMethod),
-    "evaluators": ("fedlight_evaluators", Evaluator),
-    "round_features": ("fedlight_round_features", RoundFeature),
+#: kind -> (hook name, base class as "module:Class"). Adding a kind is one line here plus one hookspec.
+#: The base classes import torch, so they are imported on first use (``KINDS``), not with this module:
+#: ``fedlight plugins`` and ``fedlight --help`` need neither.
+KIND_HOOKS: dict[str, tuple[str, str]] = {
+    "tasks": ("fedlight_tasks", "fedlight.tasks.base:Task"),
+    "datasets": ("fedlight_datasets", "fedlight.data.base:Dataset"),
+    "partitioners": ("fedlight_partitioners", "fedlight.partitioners.base:Partitioner"),
+    "peft_methods": ("fedlight_peft_methods", "fedlight.peft.base:PeftMethod"),
+    "codecs": ("fedlight_codecs", "fedlight.codecs.base:Codec"),
+    "aggregators": ("fedlight_aggregators", "fedlight.aggregators.base:Aggregator"),
+    "privacy": ("fedlight_privacy", "fedlight.privacy.base:Privacy"),
+    "attacks": ("fedlight_attacks", "fedlight.attacks.base:Attack"),
+    "client_methods": ("fedlight_client_methods", "fedlight.client_methods.base:ClientMethod"),
+    "evaluators": ("fedlight_evaluators", "fedlight.evaluators.base:Evaluator"),
+    "round_features": ("fedlight_round_features", "fedlight.features.base:RoundFeature"),
 }
+_kinds: dict[str, tuple[str, type]] | None = None
+
+
+def kinds() -> dict[str, tuple[str, type]]:
+    """kind -> (hook name, base class), the base classes imported on first call."""
+    global _kinds
+    if _kinds is None:
+        _kinds = {}
+        for kind, (hook, path) in KIND_HOOKS.items():
+            module, _, qualname = path.partition(":")
+            _kinds[kind] = (hook, getattr(importlib.import_module(module), qualname))
+    return _kinds
+
+
+def __getattr__(name: str) -> Any:
+    if name == "KINDS":  # ``from fedlight.plugins import KINDS`` keeps working, lazily
+        return kinds()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: packages whose modules may hold built-in hook implementations
 BUILTIN_PACKAGES = [
@@ -92,11 +102,11 @@ class Entry:
 class Registry:
     """Every registered plugin class by kind and short name, plus the packages that failed to load."""
 
-    entries: dict[str, dict[str, Entry]] = field(default_factory=lambda: {k: {} for k in KINDS})
+    entries: dict[str, dict[str, Entry]] = field(default_factory=lambda: {k: {} for k in KIND_HOOKS})
     failures: dict[str, str] = field(default_factory=dict)
 
     def add(self, kind: str, cls: type, provider: str) -> None:
-        base = KINDS[kind][1]
+        base = kinds()[kind][1]
         if not (isinstance(cls, type) and issubclass(cls, base)):
             raise PluginError(f"{provider}: {kind} hook returned {cls!r}, which is not a subclass of {base.__name__}")
         name = getattr(cls, "name", "")
@@ -138,7 +148,7 @@ def _builtin_modules() -> list[ModuleType]:
         package = importlib.import_module(package_name)
         for info in pkgutil.iter_modules(package.__path__, prefix=package_name + "."):
             module = importlib.import_module(info.name)
-            if any(hasattr(module, hook) for hook, _ in KINDS.values()):
+            if any(hasattr(module, hook) for hook, _ in KIND_HOOKS.values()):
                 modules.append(module)
     return modules
 
@@ -149,9 +159,10 @@ def _distribution_name(ep: importlib.metadata.EntryPoint) -> str:
 
 
 def build_plugin_manager(
-    autoload: bool | None = None, extra: list[object] | None = None
+    autoload: bool | None = None, extra: list[object] | None = None, builtins: bool = True
 ) -> tuple[pluggy.PluginManager, dict[str, str], dict[str, str]]:
-    """A fresh manager with built-ins, entry points (unless disabled) and ``extra`` plugin objects.
+    """A fresh manager with built-ins (unless ``builtins`` is False), entry points (unless disabled)
+    and ``extra`` plugin objects.
 
     Returns the manager, a map plugin-name -> providing package, and load failures by package.
     """
@@ -159,7 +170,7 @@ def build_plugin_manager(
     pm.add_hookspecs(hookspecs)
     providers: dict[str, str] = {}
     failures: dict[str, str] = {}
-    for module in _builtin_modules():
+    for module in _builtin_modules() if builtins else []:
         pm.register(module, name=module.__name__)
         providers[module.__name__] = BUILTIN_PROVIDER
     if autoload is None:
@@ -182,10 +193,10 @@ def build_plugin_manager(
     return pm, providers, failures
 
 
-def build_registry(autoload: bool | None = None, extra: list[object] | None = None) -> Registry:
-    pm, providers, failures = build_plugin_manager(autoload, extra)
+def build_registry(autoload: bool | None = None, extra: list[object] | None = None, builtins: bool = True) -> Registry:
+    pm, providers, failures = build_plugin_manager(autoload, extra, builtins)
     registry = Registry(failures=failures)
-    for kind, (hook_name, _) in KINDS.items():
+    for kind, (hook_name, _) in KIND_HOOKS.items():
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             provider = providers.get(impl.plugin_name, impl.plugin_name)
             try:
@@ -225,3 +236,45 @@ def set_registry(registry: Registry | None) -> None:
     """Replace (or with None, reset) the process-wide registry; tests use this with a fixture."""
     global _registry
     _registry = registry
+
+
+# --- the built-in index (``fedlight plugins`` without importing a plugin module) ----------------
+
+INDEX_MODULE = "fedlight.plugin_index"
+
+
+def render_index(registry: Registry | None = None) -> str:
+    """The source of :mod:`fedlight.plugin_index`: every built-in plugin's name, import path and summary.
+
+    Generated, never edited: ``python -m fedlight.plugins --write-index``; a test checks it equals
+    what the hooks register, so a new or renamed built-in fails the suite until it is regenerated.
+    """
+    registry = registry or build_registry(autoload=False)
+    lines = [
+        '"""Generated by ``python -m fedlight.plugins --write-index``; do not edit (tests/test_plugin_index.py checks it).',
+        "",
+        "Every built-in plugin by kind: (short name, import path, summary), so ``fedlight plugins`` lists them",
+        'without importing torch, Lightning or any model library."""',
+        "",
+        "BUILTINS: dict[str, list[tuple[str, str, str]]] = {",
+    ]
+    for kind in KIND_HOOKS:
+        lines.append(f"    {kind!r}: [")
+        for name in registry.names(kind):
+            entry = registry.entries[kind][name]
+            if entry.provider == BUILTIN_PROVIDER:
+                lines.append(f"        ({name!r}, {entry.import_path!r}, {entry.cls.summary()!r}),")
+        lines.append("    ],")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    if sys.argv[1:] != ["--write-index"]:
+        sys.exit("usage: python -m fedlight.plugins --write-index")
+    target = Path(__file__).with_name("plugin_index.py")
+    target.write_text(render_index(build_registry(autoload=False)))
+    print(f"wrote {target}")
