@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import shutil
 import json
 import os
 import time
@@ -133,6 +134,7 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict | None:
     out = args.out / "cells" / cell.key
     if (out / "result.json").exists():
         return None
+    shutil.rmtree(out / "run", ignore_errors=True)  # a cell interrupted before its result restarts clean
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(config(cell, args, out), sort_keys=False))
     t0 = time.perf_counter()
