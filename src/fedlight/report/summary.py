@@ -245,8 +245,6 @@ def summary_table(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``fedlight report RUN_DIR... [--out DIR] [--metric val_acc]``."""
-    from fedlight.report.plots import render_report
-
     parser = argparse.ArgumentParser(
         prog="fedlight report",
         description="Plots and a summary table from fedlight run directories (each holds a rounds.csv).",
@@ -266,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(table)
     if not args.no_plots:
+        from fedlight.report.plots import render_report  # matplotlib: ~1 s of import, only when plotting
+
         out = args.out or (run_dirs[0] / "report" if len(run_dirs) == 1 else Path("report"))
         written = render_report(run_dirs, out, tuple(args.formats or ("png", "svg")), metric=args.metric)
         print()
