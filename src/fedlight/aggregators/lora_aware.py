@@ -14,10 +14,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from fedlight.aggregators.base import Aggregator, check_weighting, client_weights
+from fedlight.core.seeds import Purpose, aggregator_generator, run_rng
 from fedlight.core.state import State
 from fedlight.core.update import DecodedUpdate
 from fedlight.hookspecs import hookimpl
@@ -134,7 +134,7 @@ class FLoRA(LoraAggregator):
 
     def combine(self, pair, global_state, updates, clients, weights):
         index = self.pairs.index(pair)
-        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.step) * 7919 + index)
+        generator = aggregator_generator(self.seed, self.step, index)
         shape = global_state[pair.a].shape
         bound = 1.0 / math.sqrt(shape[1])  # kaiming_uniform_(a=sqrt(5)) on (r, in), as peft initialises A
         a = (torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound
@@ -182,7 +182,7 @@ class RankTiered(LoraAggregator):
 
     def tier_rank(self, client_id: int) -> int:
         """Client ``client_id``'s rank tier: a function of (rank_seed, client id) only."""
-        rng = np.random.default_rng([self.rank_seed, 0x4A4E, int(client_id)])
+        rng = run_rng(self.rank_seed, Purpose.RANKS, int(client_id))
         return self.rank_tiers[int(rng.choice(len(self.rank_tiers), p=self.rank_probs))]
 
     def rank_of(self, client_id: int) -> int:

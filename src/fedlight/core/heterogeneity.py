@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
+from fedlight.core.seeds import Purpose, run_rng
 
 SAMPLING = ("uniform", "weighted")
 
@@ -41,7 +41,7 @@ class ComputeTiers:
 
     def assign(self, num_clients: int, seed: int) -> list[float]:
         """Each client's compute fraction, a function of (seed, num_clients) only."""
-        rng = np.random.default_rng([seed, 0xC0DE7])
+        rng = run_rng(seed, Purpose.COMPUTE_TIERS)
         tiers = rng.choice(len(self.fractions), size=num_clients, p=self.probs)
         return [float(self.fractions[t]) for t in tiers]
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedlight.core.seeds import plan_rng
+
 
 @dataclass(frozen=True)
 class RoundPlan:
@@ -77,7 +79,7 @@ def plan_round(
         raise ValueError(f"clients_per_round must be in [1, num_clients={num_clients}], got {clients_per_round}")
     if batches not in ("shuffle", "subsample"):
         raise ValueError(f"batches must be 'shuffle' or 'subsample', got {batches!r}")
-    rng = np.random.default_rng([seed, round_idx])
+    rng = plan_rng(seed, round_idx)
     if poisson_rate is not None:
         if not 0 < poisson_rate <= 1:
             raise ValueError(f"poisson_rate must be in (0, 1], got {poisson_rate}")

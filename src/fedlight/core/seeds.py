@@ -47,6 +47,11 @@ def round_generator(seed: int, round_idx: int, stream: int, client: int = 0) -> 
     return torch.Generator().manual_seed((seed * 1_000_003 + round_idx) * 31 + int(stream) + client)
 
 
+def aggregator_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """A server-side aggregator's own stream at its ``step``-th aggregation (FLoRA's re-initialised factors)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7919 + index)
+
+
 def run_rng(seed: int, purpose: Purpose | int, *more: int) -> np.random.Generator:
     """A NumPy generator for a run-wide draw (malicious set, tiers, …), optionally per client."""
     return np.random.default_rng([seed, int(purpose), *more])
