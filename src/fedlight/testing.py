@@ -29,6 +29,7 @@ from fedlight.codecs.wire import PayloadError
 from fedlight.core.plugin_base import Plugin
 from fedlight.core.state import State
 from fedlight.core.update import DecodedUpdate
+from fedlight.features.base import RoundFeature
 
 GLOBAL: State = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor(0.5)}
 
@@ -154,7 +155,7 @@ def check_codec_rejects_corruption(cls: type[Codec]) -> None:
 # --- round features -----------------------------------------------------------------------------
 
 
-def check_round_feature_key(cls: type) -> None:
+def check_round_feature_key(cls: type[RoundFeature]) -> None:
     """A checkpoint key of its own (the engine stores the feature's state under it)."""
     assert cls.key, f"{cls.__name__} needs a checkpoint key (defaults to its name)"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import lzma
 import zlib
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -35,7 +35,7 @@ class CompressCodec(Codec):
 
     name = "compress"
     max_rel_error = 0.0  # of the default inner codec (identity); an instance carries its inner's bound
-    example_args: dict[str, Any] = {"algorithm": "zlib", "level": 1}
+    example_args: ClassVar[dict[str, Any]] = {"algorithm": "zlib", "level": 1}
 
     def __init__(
         self,

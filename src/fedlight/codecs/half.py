@@ -8,7 +8,7 @@ binade first. bf16 keeps fp32's exponent range and needs no scale, but keeps 3 f
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -34,7 +34,7 @@ class Fp16Codec(Codec):
     name = "fp16"
     #: round-to-nearest in fp16 after scaling max|x| into [2^14, 2^15): unit roundoff 2^-11, no underflow
     max_rel_error = 2.0**-11
-    example_args: dict[str, Any] = {}
+    example_args: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, error_feedback: bool = False) -> None:
         super().__init__(error_feedback=error_feedback)
@@ -85,7 +85,7 @@ class Bf16Codec(Codec):
     name = "bf16"
     #: round-to-nearest-even to 8 significant bits: |error| <= 2^-8 |x| <= 2^-8 max|x|
     max_rel_error = 2.0**-8
-    example_args: dict[str, Any] = {}
+    example_args: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, error_feedback: bool = False) -> None:
         super().__init__(error_feedback=error_feedback)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import zlib
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -92,7 +92,7 @@ def check_params(meta: dict[str, Any], expected: dict[str, Any], codec: str) -> 
 
 def derived_generator(seed: int, name: str, x: torch.Tensor) -> torch.Generator:
     """A generator seeded from (seed, tensor name, CRC32 of the fp32 contents): reproducible and stateless."""
-    crc = zlib.crc32(x.detach().to("cpu", torch.float32).contiguous().reshape(-1).view(torch.uint8).numpy()) if x.numel() else 0
+    crc = zlib.crc32(x.detach().to("cpu", torch.float32).contiguous().reshape(-1).view(torch.uint8).numpy().data) if x.numel() else 0
     digest = hashlib.blake2b(f"{seed}\0{name}\0{crc}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
@@ -216,7 +216,7 @@ class Int8Codec(_LinearQuantizer):
     bits, qmax = 8, 127
     #: the bound over every configuration: stochastic rounding errs by < one step s = max|x|/127
     max_rel_error = 1 / 127
-    example_args: dict[str, Any] = {"granularity": "channel"}
+    example_args: ClassVar[dict[str, Any]] = {"granularity": "channel"}
 
     def __init__(
         self,
@@ -267,7 +267,7 @@ class Int4Codec(_LinearQuantizer):
     bits, qmax = 4, 7
     #: the bound over every configuration: stochastic rounding errs by < one step s = max|x|/7
     max_rel_error = 1 / 7
-    example_args: dict[str, Any] = {"granularity": "block", "block_size": 16}
+    example_args: ClassVar[dict[str, Any]] = {"granularity": "block", "block_size": 16}
 
     def __init__(
         self,

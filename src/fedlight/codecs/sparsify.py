@@ -9,7 +9,7 @@ int32, int64), so a decoder can check them (in range, strictly increasing, exact
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -93,7 +93,7 @@ class TopKCodec(_Sparsifier):
     """Top-k sparsification: the largest |values| per tensor, density*(4 + index bytes) bytes/param."""
 
     name = "topk"
-    example_args: dict[str, Any] = {"density": 0.1}
+    example_args: ClassVar[dict[str, Any]] = {"density": 0.1}
 
     def __init__(self, density: float = 0.01, error_feedback: bool = False) -> None:
         """``density``: fraction of each tensor's values sent, in (0, 1]."""
@@ -107,7 +107,7 @@ class RandomKCodec(_Sparsifier):
     """Random-k sparsification: a seeded random subset per tensor, density*(4 + index bytes) bytes/param."""
 
     name = "randk"
-    example_args: dict[str, Any] = {"density": 0.1, "seed": 1}
+    example_args: ClassVar[dict[str, Any]] = {"density": 0.1, "seed": 1}
 
     def __init__(self, density: float = 0.01, seed: int = 0, error_feedback: bool = False) -> None:
         """``density``: fraction of each tensor's values sent, in (0, 1]; ``seed``: with the tensor's

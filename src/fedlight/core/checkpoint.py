@@ -45,7 +45,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def capture_rng() -> dict[str, Any]:
     """RNG states as tensors and plain values (loadable with ``weights_only=True``)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    legacy = np.random.get_state(legacy=True)
+    assert isinstance(legacy, tuple), "numpy's global RandomState is an MT19937: its legacy state is a tuple"
+    kind, keys, pos, has_gauss, cached = legacy
     return {
         "torch": torch.get_rng_state(),
         "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],

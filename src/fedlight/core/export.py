@@ -35,13 +35,16 @@ import copy
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fedlight.core.storage import atomic_dir
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 ADAPTER_JSON = "fedlight_adapter.json"
 TRAINABLE_FILE = "trainable.safetensors"
@@ -50,7 +53,7 @@ FORMAT = "fedlight-adapter"
 FORMAT_VERSION = 1
 
 
-def _is_peft_model(model: nn.Module) -> bool:
+def _is_peft_model(model: nn.Module) -> TypeGuard[PeftModel]:
     try:
         import peft
     except ImportError:  # pragma: no cover - peft is a core dependency
@@ -143,7 +146,7 @@ def _merged_base_delta(module, base_delta: dict[str, torch.Tensor] | None) -> di
     return base_delta
 
 
-def _fold_base_delta(model: nn.Module, out_dir: Path, base_delta: dict[str, torch.Tensor]) -> list[str]:
+def _fold_base_delta(model: PeftModel, out_dir: Path, base_delta: dict[str, torch.Tensor]) -> list[str]:
     """Rewrite the saved peft adapter so each LoRA layer with a merged base change carries all of it.
 
     The layer's whole change to the original weight, ``D = ΔW_base + s·B·A`` (``out × in``), becomes
@@ -168,8 +171,10 @@ def _fold_base_delta(model: nn.Module, out_dir: Path, base_delta: dict[str, torc
         name = by_weight[weight_name]
         layer = layers[name]
         a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor), "LoRA factors are parameters"
         delta = delta.detach().to("cpu", torch.float64)
-        if layer.fan_in_fan_out:  # GPT-2's Conv1D stores its weight as (in, out)
+        # peft's Linear and Embedding LoRA layers set it; GPT-2's Conv1D stores its weight as (in, out)
+        if getattr(layer, "fan_in_fan_out", False):
             delta = delta.T
         change = delta + float(layer.scaling[adapter]) * (b.detach().cpu().double() @ a.detach().cpu().double())
         out_features, in_features = change.shape

@@ -79,6 +79,7 @@ class FederationOptions:
         )  # fmt: skip
 
     def schedule(self) -> Schedule:
+        assert self.faults is not None, "__post_init__ fills in the default ClientFaults"
         return Schedule(
             self.rounds, self.clients_per_round, self.local_steps, self.local_epochs, self.faults,
             self.client_sampling, self.seed, self.compute_tiers,

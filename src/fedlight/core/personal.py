@@ -12,10 +12,10 @@ counts gives each client different class proportions than it trained on.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from fedlight.core.state import State
 
@@ -58,7 +58,9 @@ def accuracy_key(metric_names: Sequence[str]) -> str | None:
 
 def client_metric(pl_module: Any, examples: Sequence[dict], key: str, batch_size: int) -> float:
     """One task metric of the module's current model on a list of examples (eval mode, no RNG used)."""
-    loader = DataLoader(list(examples), batch_size=batch_size, collate_fn=pl_module.task.collate)
+    # a list is a map-style dataset (``__getitem__`` + ``__len__``); torch's annotations ask for the class
+    dataset = cast("Dataset[dict]", list(examples))
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=pl_module.task.collate)
     return pl_module.evaluate(loader, generate=False)[f"val_{key}"]
 
 

@@ -131,8 +131,8 @@ def _discard(path: Path) -> None:
             path.unlink()
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """``write(f)`` into ``<path>.tmp``, fsync it and ``os.replace`` it over ``path``; returns ``path``.
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """``write(f)`` (its return value is ignored) into ``<path>.tmp``, fsync it and ``os.replace`` it over ``path``; returns ``path``.
 
     On any failure the temporary is removed and ``path`` is left exactly as it was.
     """

@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 import yaml
 
-from fedlight.data.base import Dataset, DatasetSplits, split_train_val
+from fedlight.data.base import Dataset, DatasetSplits, Example, split_train_val
 from fedlight.hookspecs import hookimpl
 
 DEFAULT_LANGUAGES = ["english", "italian", "spanish", "portuguese", "dutch", "german", "indonesian", "turkish"]
@@ -91,7 +91,7 @@ class ChatterbotCorpus(Dataset):
     def load(self) -> DatasetSplits:
         classes = self._classes()
         rng = np.random.default_rng(self.seed)
-        examples = []
+        examples: list[Example] = []
         label_names = sorted(classes)
         for label, cls in enumerate(label_names):
             texts = classes[cls]

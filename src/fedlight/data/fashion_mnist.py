@@ -117,7 +117,9 @@ class FashionMNIST(Dataset):
         folder = self.locate()
         splits = {}
         for split, (img_stem, lab_stem) in FILES.items():
-            images, labels = read_idx(_find(folder, img_stem)), read_idx(_find(folder, lab_stem))
+            img_path, lab_path = _find(folder, img_stem), _find(folder, lab_stem)
+            assert img_path is not None and lab_path is not None, "locate() returns a folder holding all four files"
+            images, labels = read_idx(img_path), read_idx(lab_path)
             if images.ndim != 3 or labels.shape != (images.shape[0],):
                 raise ValueError(f"{folder}: {split} images {images.shape} and labels {labels.shape} do not pair up")
             limit = self.max_train if split == "train" else self.max_val

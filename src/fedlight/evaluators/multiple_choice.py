@@ -88,7 +88,7 @@ class MultipleChoice(Evaluator):
         scores = task.score(model, prompts, conts)
         correct = correct_norm = 0
         chance = 0.0
-        samples = []
+        samples: list[dict[str, Any]] = []
         pos = 0
         for item in self.items:
             n = len(item["choices"])

@@ -71,7 +71,7 @@ class NumericMatch(Evaluator):
         prompts = [self.question_template.format(question=item["question"]) for item in self.items]
         generations = task.generate(model, prompts, self.max_new_tokens)
         correct = has_number = 0
-        samples = []
+        samples: list[dict[str, Any]] = []
         for item, prompt, generation in zip(self.items, prompts, generations):
             got = final_number(generation)
             ok = got is not None and got == item["target"]

@@ -38,6 +38,7 @@ class PersonalEvaluation(RoundFeature):
                 dm.client_indices, dm.splits.train_labels(), val_labels, resolve_seed(dm.seed)
             )
         key = accuracy_key(list(module.task.metrics(module.num_classes)))
+        assert key is not None, "attach() refuses a task without an accuracy metric"
         locals_ = {c: s["local"] for c, s in engine.client_store.items() if "local" in s}
         return personal_metrics(
             module, dm.splits.val, self._shares, sorted(engine.client_store), locals_,

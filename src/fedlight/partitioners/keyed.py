@@ -67,7 +67,7 @@ class KeyedPartitioner(Partitioner):
         raise NotImplementedError
 
     def partition_key(
-        self, examples: Sequence[dict[str, Any]], groups: Sequence[Any] | None = None, seed: int = 0
+        self, examples: Sequence[dict[str, Any]], groups: Sequence[Any] | np.ndarray | None = None, seed: int = 0
     ) -> PartitionKey:
         """The key of every example (cached for the same examples and seed: the report reuses the split's)."""
         token = (id(examples), len(examples), int(seed))

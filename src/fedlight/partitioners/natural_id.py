@@ -25,7 +25,7 @@ class NaturalId(Partitioner):
     needs_groups: ClassVar[bool] = True
 
     def split(
-        self, labels: np.ndarray, num_clients: int, seed: int, groups: Sequence[Any] | None = None
+        self, labels: np.ndarray, num_clients: int, seed: int, groups: Sequence[Any] | np.ndarray | None = None
     ) -> list[np.ndarray]:
         if groups is None:
             raise ValueError(

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, cast
 
 import torch
 from torch import nn
 
-from fedlight.core.state import State
-
 from fedlight.core.plugin_base import Plugin
+from fedlight.core.state import State
 
 HeadMode = Literal["shared", "local", "frozen"]
 
@@ -35,7 +34,8 @@ def methods_for_family(family: str) -> list[str]:
         table = get_registry().entries["peft_methods"]
     except Exception:  # never let a message helper hide the real error
         return []
-    return sorted(n for n, e in table.items() if family in e.cls.families)
+    # Registry.add admits only subclasses of the kind's base class, PeftMethod here
+    return sorted(n for n, e in table.items() if family in cast("type[PeftMethod]", e.cls).families)
 
 
 class PeftMethod(Plugin):

@@ -212,10 +212,12 @@ class DPFedAvg(Privacy):
             )
         self.bind(spec.population, spec.clients_per_round)
         if self.noise_multiplier is None:
+            assert self.target_epsilon is not None, "check_mechanism_args: noise_multiplier null needs target_epsilon"
+            population, per_round = self._sampling()
             fixed = self.sampling == "fixed"
             sigma = noise_for_epsilon(
-                self.target_epsilon, self.delta, self.clients_per_round / self.population, spec.rounds,
-                self.sampling, self.population if fixed else None, self.clients_per_round if fixed else None,
+                self.target_epsilon, self.delta, per_round / population, spec.rounds,
+                self.sampling, population if fixed else None, per_round if fixed else None,
                 self.accountant.method,
             )  # fmt: skip
             self.noise_multiplier = 2 * sigma if fixed else sigma  # fixed: the event's multiplier is sigma / 2
@@ -233,14 +235,24 @@ class DPFedAvg(Privacy):
                 f"({self.noise_multiplier / 2}) with adaptive clipping, or the count alone spends the whole budget"
             )
 
+    def _sampling(self) -> tuple[int, int]:
+        """(population, clients_per_round), both known once :meth:`bind` ran."""
+        assert self.population is not None and self.clients_per_round is not None, "bind() runs before round 1"
+        return self.population, self.clients_per_round
+
+    def _sigma(self) -> float:
+        """The noise multiplier, given or picked by :meth:`bind_run` before round 1."""
+        assert self.noise_multiplier is not None, "bind_run() picks noise_multiplier from target_epsilon"
+        return self.noise_multiplier
+
     # --- mechanism -----------------------------------------------------------------------------------
 
     @property
     def update_noise_multiplier(self) -> float:
         """sigma_eff applied to the updates (= sigma without adaptive clipping)."""
         if not self.adaptive_clipping or self.clipped_count_stddev == 0:
-            return self.noise_multiplier
-        return (self.noise_multiplier**-2 - (2 * self.clipped_count_stddev) ** -2) ** -0.5
+            return self._sigma()
+        return (self._sigma() ** -2 - (2 * self.clipped_count_stddev) ** -2) ** -0.5
 
     def server_transform(self, updates: list[DecodedUpdate], generator: torch.Generator) -> list[DecodedUpdate]:
         out, unclipped = [], 0
@@ -253,7 +265,7 @@ class DPFedAvg(Privacy):
 
     def denominator(self, num_updates: int) -> float:
         """What the noised sum is divided by: q N = clients_per_round (``poisson``), else the accepted count."""
-        return float(self.clients_per_round) if self.sampling == "poisson" else float(num_updates)
+        return float(self._sampling()[1]) if self.sampling == "poisson" else float(num_updates)
 
     def secure_clip_norm(self) -> float:
         """Under secure aggregation each client clips its own delta to C (the server cannot)."""
@@ -308,10 +320,9 @@ class DPFedAvg(Privacy):
     # --- accounting -----------------------------------------------------------------------------------
 
     def _round_record(self, rounds: int = 1):
-        sigma = self.noise_multiplier / 2 if self.sampling == "fixed" else self.noise_multiplier
-        return make_record(
-            sigma, self.clients_per_round / self.population, rounds, self.sampling, self.population, self.clients_per_round
-        )
+        sigma = self._sigma() / 2 if self.sampling == "fixed" else self._sigma()
+        population, per_round = self._sampling()
+        return make_record(sigma, per_round / population, rounds, self.sampling, population, per_round)
 
     def on_round(self, num_sampled: int | None = None, population: int | None = None) -> None:
         """Compose one round's Gaussian event (optionally updating the sampling parameters first)."""

@@ -63,14 +63,14 @@ def per_sample_gradients(
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     size, batched, rest = _split_batch(batch)
     if method == "loop":
-        params = [p for n, p in model.named_parameters() if p.requires_grad]
+        trainable = [p for n, p in model.named_parameters() if p.requires_grad]
         grads: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         losses = []
         for i in range(size):
             one = {**rest, **{k: v[i : i + 1] for k, v in batched.items()}}
             loss = task.step(model, one).loss
-            for n, g in zip(names, torch.autograd.grad(loss, params, allow_unused=True), strict=True):
-                grads[n].append(torch.zeros_like(params[names.index(n)]) if g is None else g)
+            for n, g in zip(names, torch.autograd.grad(loss, trainable, allow_unused=True), strict=True):
+                grads[n].append(torch.zeros_like(trainable[names.index(n)]) if g is None else g)
             losses.append(loss.detach())
         return {n: torch.stack(v) for n, v in grads.items()}, torch.stack(losses)
     if method != "vmap":
@@ -98,7 +98,7 @@ def clip_per_sample(grads: dict[str, torch.Tensor], clip_norm: float) -> tuple[d
     flat = [g.detach().reshape(g.shape[0], -1).double() for g in grads.values()]
     scale = torch.stack([f.abs().amax(1) for f in flat]).amax(0) if flat else torch.zeros(0, dtype=torch.float64)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    norms = safe * torch.sqrt(sum((f / safe[:, None]).pow(2).sum(1) for f in flat))
+    norms = safe * torch.sqrt(sum(((f / safe[:, None]).pow(2).sum(1) for f in flat), torch.zeros_like(safe)))
     norms = torch.where(scale > 0, norms, torch.zeros_like(norms))
     factor = clip_norm / torch.clamp(norms, min=clip_norm)
     factor = factor * (1 - 1e-6)  # keep the fp32 result at or under C after rounding
@@ -183,13 +183,15 @@ class DPSGD(Privacy):
         self._plan = (spec.rounds, list(spec.client_steps))
         self._batch_size = spec.batch_size
         if self.noise_multiplier is None:
+            target = self.target_epsilon
+            assert target is not None, "check_mechanism_args: noise_multiplier null needs target_epsilon"
             sigma = 0.0
             for n, steps in sorted(set(zip(self.client_sizes, spec.client_steps))):
                 if n < 1:
                     continue
                 b = min(spec.batch_size, n)
                 # the event's multiplier is sigma/2 (replace-one, sensitivity 2C)
-                sigma = max(sigma, 2 * noise_for_epsilon(self.target_epsilon, self.delta, None, spec.rounds * steps, "fixed", n, b))
+                sigma = max(sigma, 2 * noise_for_epsilon(target, self.delta, None, spec.rounds * steps, "fixed", n, b))
             self.noise_multiplier = sigma
 
     def check_model(self, model: nn.Module) -> None:
@@ -220,7 +222,10 @@ class DPSGD(Privacy):
             noise = torch.randn(g.shape[1:], generator=generator, dtype=torch.float32) * std
             private[n] = (g.sum(0).float() + noise.to(g.device)) / size
         params = dict(model.named_parameters())
-        inner = sum((params[n] * g.to(params[n].dtype)).sum() for n, g in private.items())
+        terms = [(params[n] * g.to(params[n].dtype)).sum() for n, g in private.items()]
+        if not terms:
+            raise ValueError("dp_sgd: the model has no trainable parameters to clip and noise")
+        inner = sum(terms[1:], terms[0])
         loss = losses.mean()
         surrogate = loss.detach() + inner - inner.detach()
         client = self._client if self._client is not None else int(batch.get("client_id", torch.tensor([-1]))[0])
@@ -243,11 +248,16 @@ class DPSGD(Privacy):
 
     # --- accounting --------------------------------------------------------------------------------------
 
+    def _sigma(self) -> float:
+        """The noise multiplier, given or picked by :meth:`bind_run` before the first step."""
+        assert self.noise_multiplier is not None, "bind_run() picks noise_multiplier from target_epsilon"
+        return self.noise_multiplier
+
     def _compose(self, client: int, size: int, steps: int) -> None:
         acc = self.accountants.setdefault(client, Accountant("rdp"))
         n = self.client_sizes[client] if 0 <= client < len(self.client_sizes) else size
         n = max(n, size)
-        acc.compose(self.noise_multiplier / 2, None, steps, "fixed", n, size)  # replace-one: sensitivity 2C
+        acc.compose(self._sigma() / 2, None, steps, "fixed", n, size)  # replace-one: sensitivity 2C
 
     def on_round_end(self) -> None:
         for client, counts in self._round_steps.items():
@@ -293,7 +303,7 @@ class DPSGD(Privacy):
         eps = self.client_epsilons()
         if not eps:
             return {}
-        return {"epsilon_client_mean": sum(eps.values()) / len(eps), "noise_multiplier": float(self.noise_multiplier)}
+        return {"epsilon_client_mean": sum(eps.values()) / len(eps), "noise_multiplier": self._sigma()}
 
     # --- checkpointing -------------------------------------------------------------------------------------
 

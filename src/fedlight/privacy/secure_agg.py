@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 import numpy as np
@@ -286,7 +287,7 @@ def secure_sum(
     inputs: dict[int, np.ndarray],
     quantizer: Quantizer,
     threshold: int,
-    drop_after_masking: set[int] = frozenset(),
+    drop_after_masking: AbstractSet[int] = frozenset(),
     session: bytes = b"",
 ) -> tuple[np.ndarray, SecAggServer]:
     """Run the whole protocol in-process; returns (decoded sum of the survivors, the server object).

@@ -26,6 +26,11 @@ class SecureSession:
         self.config = config
         self.round: SecureRound | None = None
 
+    def current(self) -> SecureRound:
+        """This round's protocol state (the client variant's ``begin_round`` sets it up)."""
+        assert self.round is not None, "the client begin_round runs before finish and aggregate"
+        return self.round
+
 
 class SecureClientPipeline(ClientPipeline):
     """Client side: privacy transform, client-side checks and clipping, then only a masked vector leaves."""
@@ -52,7 +57,7 @@ class SecureClientPipeline(ClientPipeline):
         client_state: ClientState,
         metrics: dict[str, float] | None = None,
     ) -> ClientUpdate | None:
-        secure = self.session.round
+        secure = self.session.current()
         delta = self.privacy.client_transform(subtract(trained, start), generator)
         update = secure.client_update(client_id, delta, num_examples, dict(metrics or {}))
         self.refusal = None
@@ -71,7 +76,7 @@ class SecureServerPipeline(ServerPipeline):
     def aggregate(
         self, global_state: State, updates: list[ClientUpdate], generator: torch.Generator
     ) -> tuple[State, AggregationReport]:
-        secure = self.session.round
+        secure = self.session.current()
         new_global, report = secure.aggregate(self, global_state, updates, generator)
         report.downlink_bytes += secure.late_downlink
         return new_global, report

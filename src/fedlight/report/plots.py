@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -28,6 +30,9 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedlight.report.summary import Run, load_runs, lower_is_better, pick_metric  # noqa: E402
+
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType
 
 _NAMES = {
     "acc": "accuracy",
@@ -39,7 +44,7 @@ _NAMES = {
     "token_acc": "token accuracy",
 }
 _CLIENT_STAT = re.compile(r"^client_(.+)_mean$")
-_STYLE = {
+_STYLE: dict[RcKeyType, Any] = {
     "figure.dpi": 110,
     "savefig.dpi": 150,
     "axes.grid": True,
@@ -102,10 +107,10 @@ def draw_metric_vs_mb(ax: Axes, runs: Sequence[Run], metric: str) -> bool:
     log = len(positive) > 1 and max(positive) / min(positive) > 30
     for run, color in zip(runs, _colors(len(runs))):
         pts = [
-            (row["cumulative_mb"], row[metric])
+            (mb, value)
             for row in run.rows
-            if row.get("cumulative_mb") is not None and row.get(metric) is not None
-            and (not log or row["cumulative_mb"] > 0)
+            if (mb := row.get("cumulative_mb")) is not None and (value := row.get(metric)) is not None
+            and (not log or mb > 0)
         ]
         if pts:
             ax.plot(*zip(*pts), color=color, label=run.label, **_marker(len(pts)))
@@ -201,7 +206,7 @@ def _panels(runs: Sequence[Run], metric: str) -> list[tuple[str, Callable[[Axes]
     if any(r.has("epsilon") for r in runs):
         panels.append(("epsilon_vs_round", lambda ax: draw_epsilon(ax, runs)))
     for stat in client_stats(runs):
-        panels.append((f"client_{stat}_spread", lambda ax, s=stat: draw_client_spread(ax, runs, s)))
+        panels.append((f"client_{stat}_spread", partial(draw_client_spread, runs=runs, stat=stat)))
     return panels
 
 

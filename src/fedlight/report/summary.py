@@ -63,6 +63,12 @@ def _number(text: str | None) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _round_order(row: dict[str, float | None]) -> float:
+    """Sort key of a log row: its round, rows without one first."""
+    value = row.get("round")
+    return -1 if value is None else value
+
+
 def find_run_dirs(paths: Sequence[str | Path]) -> list[Path]:
     """Run directories: each path that holds a ``rounds.csv``, or every run found below it."""
     found: list[Path] = []
@@ -101,7 +107,7 @@ def load_run(run_dir: str | Path, label: str | None = None) -> Run:
         reader = csv.DictReader(f)
         columns = list(reader.fieldnames or [])
         rows = [{k: _number(v) for k, v in row.items() if k is not None} for row in reader]
-    rows.sort(key=lambda r: r.get("round") if r.get("round") is not None else -1)
+    rows.sort(key=_round_order)
     manifest = None
     if (run_dir / MANIFEST_JSON).is_file():
         manifest = json.loads((run_dir / MANIFEST_JSON).read_text())
@@ -147,11 +153,11 @@ def per_transfer_bytes(run: Run) -> float | None:
     """Bytes one client sends per round: the manifest's payload length, else estimated from the log."""
     if run.manifest and run.manifest.get("shared_bytes_per_round"):
         return float(run.manifest["shared_bytes_per_round"])
-    estimates = [
-        r["uplink_bytes"] / (r["num_clients"] + (r.get("rejected") or 0))
-        for r in run.training_rows
-        if r.get("uplink_bytes") and (r.get("num_clients") or 0) + (r.get("rejected") or 0) > 0
-    ]
+    estimates = []
+    for r in run.training_rows:
+        uplink, senders = r.get("uplink_bytes"), (r.get("num_clients") or 0) + (r.get("rejected") or 0)
+        if uplink and senders > 0:
+            estimates.append(uplink / senders)
     return sorted(estimates)[len(estimates) // 2] if estimates else None
 
 

@@ -107,7 +107,15 @@ def resolve_local_path(path: str, field: str = "model path") -> Path:
                 "model_name_or_path at a local directory"
             ) from None
         getter = getattr(module, "get_model_path", None)
-        resolved = Path(getter()) if callable(getter) else Path(module.__file__).parent / "model"
+        if callable(getter):
+            resolved = Path(getter())
+        elif module.__file__ is not None:
+            resolved = Path(module.__file__).parent / "model"
+        else:
+            raise FileNotFoundError(
+                f"model package {module_name!r} has neither get_model_path() nor a __file__ (a namespace "
+                "package?); point model_name_or_path at a local directory"
+            )
     else:
         resolved = Path(path).expanduser()
     if not resolved.exists():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,13 @@ from fedlight.tasks.sources import resolve_model_source
 IGNORE_INDEX = -100
 
 
+@runtime_checkable
+class Generates(Protocol):
+    """A model with transformers' ``generate`` (an HF causal LM, or a peft model wrapping one)."""
+
+    def generate(self, **kwargs: Any) -> torch.Tensor: ...
+
+
 # --- metrics -------------------------------------------------------------------------------------
 #
 # ``CausalLM.step`` returns compact per-example statistics instead of full logits (which would be
@@ -32,6 +39,8 @@ class ResponsePerplexity(Metric):
 
     higher_is_better = False
     full_state_update = False
+    nll: torch.Tensor  # metric states (add_state)
+    tokens: torch.Tensor
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -51,6 +60,8 @@ class ResponseTokenAccuracy(Metric):
 
     higher_is_better = True
     full_state_update = False
+    correct: torch.Tensor  # metric states (add_state)
+    tokens: torch.Tensor
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -387,6 +398,7 @@ class CausalLM(Task):
         """Greedy continuations of ``prompts`` (left-padded batches), special tokens stripped."""
         tok = self.tokenizer
         max_new = max_new_tokens or self.max_new_tokens
+        assert isinstance(model, Generates), "build_model returns a transformers causal LM"
         device = next(model.parameters()).device
         keep = max(1, self.max_length - max_new)
         out: list[str] = []

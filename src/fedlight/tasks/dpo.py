@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
-from typing import Any, Literal
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,13 @@ from fedlight.tasks.base import GenerationEval, StepOutput
 from fedlight.tasks.causal_lm import IGNORE_INDEX, CausalLM, sequence_logprobs
 
 ReferenceMode = Literal["adapter_disabled", "copy"]
+
+
+@runtime_checkable
+class SwitchableAdapter(Protocol):
+    """A peft model whose adapter can be switched off (``with model.disable_adapter(): ...``)."""
+
+    def disable_adapter(self) -> AbstractContextManager[Any]: ...
 
 
 def dpo_loss(
@@ -40,6 +47,8 @@ class _PairMean(Metric):
     """Mean over pairs of one statistic of the step's ``preds`` columns (see :meth:`DPO.step`)."""
 
     full_state_update = False
+    total: torch.Tensor  # metric states (add_state)
+    count: torch.Tensor
 
     def __init__(self, statistic: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -131,6 +140,7 @@ class DPO(CausalLM):
             device = next(model.parameters()).device
             yield self._reference_model.to(device)
             return
+        assert isinstance(model, SwitchableAdapter), "check_model refuses reference 'adapter_disabled' without one"
         was_training = model.training
         model.eval()
         try:

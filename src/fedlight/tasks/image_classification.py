@@ -86,13 +86,12 @@ class ImageClassification(Task):
             if in_chans != 3:
                 raise ValueError(f"weights {weights!r} are RGB: in_chans must be 3 (grey images are repeated)")
         cfg = timm.get_pretrained_cfg(model)
-        patch = None
         if image_size is not None and "img_size" not in self.model_kwargs and cfg is not None and cfg.fixed_input_size:
             # fixed-size models (ViTs) are built for the configured size; pretrained grids are resampled
             self.model_kwargs["img_size"] = image_size
             patch = self.model_kwargs.get("patch_size") or _patch_size(model)
-        if patch and image_size % patch:
-            raise ValueError(f"model.task.image_size ({image_size}) must be a multiple of {model}'s patch size {patch}")
+            if patch and image_size % patch:
+                raise ValueError(f"model.task.image_size ({image_size}) must be a multiple of {model}'s patch size {patch}")
         self.normalize = bool(weights or pretrained) if normalize is None else normalize
         data_cfg = cfg.to_dict() if cfg is not None else {}
         self.mean = tuple(data_cfg.get("mean") or (0.485, 0.456, 0.406))
@@ -130,7 +129,7 @@ class ImageClassification(Task):
         return model
 
     def head_modules(self, model: nn.Module) -> list[str]:
-        classifier = model.pretrained_cfg.get("classifier", "head") if hasattr(model, "pretrained_cfg") else "head"
+        classifier = getattr(model, "pretrained_cfg", {}).get("classifier", "head")  # timm models carry their cfg
         heads = [classifier] if isinstance(classifier, str) else list(classifier)
         names = {n for n, _ in model.named_modules()}
         return [h for h in heads if h in names]
