@@ -127,7 +127,8 @@ def resolve_cli_args(args: list[str]) -> list[str]:
 
 
 def _make_cli_class():
-    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+    from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
+    from torch.optim import Optimizer
 
     from fedlight.core.round import FederatedRound
 
@@ -152,11 +153,17 @@ def _make_cli_class():
 
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs.setdefault("parser_class", FedlightArgumentParser)
+            kwargs.setdefault("auto_configure_optimizers", False)  # fedlight links its own (add_arguments_to_parser)
             super().__init__(*args, **kwargs)
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             parser.add_lightning_class_args(FederatedRound, "federation")
             parser.link_arguments("federation.rounds", "trainer.max_epochs")
+            # a top-level optimizer:/lr_scheduler: section goes to the module, which builds it over the
+            # trainable tensors when training starts (the model is built in setup: its head size comes
+            # from the data, so LightningCLI's own instantiation at parse time would see no parameters)
+            parser.add_optimizer_args((Optimizer,), link_to="model.optimizer")
+            parser.add_lr_scheduler_args(LRSchedulerTypeTuple, link_to="model.lr_scheduler")
 
         def _parse_ckpt_path(self) -> None:
             """Check ``--ckpt_path`` early; never let its ``hyper_parameters`` reach the parser.
@@ -187,36 +194,6 @@ def _make_cli_class():
                 super().instantiate_classes()
             except (ValueError, FileNotFoundError) as err:
                 raise ConfigError(config_guard.explain(str(err), err=err)) from err
-
-        def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
-            """A top-level ``optimizer:`` (and ``lr_scheduler:``) section, built when training starts.
-
-            LightningCLI instantiates it over ``model.parameters()`` at parse time, but fedlight's model
-            is built in ``setup`` (its head size comes from the data), so that list would be empty. The
-            inits are captured here and instantiated in ``configure_optimizers`` over the trainable
-            parameters.
-            """
-            from types import MethodType
-
-            import lightning.pytorch.cli as lightning_cli
-
-            instantiate, inits = lightning_cli.instantiate_class, []
-            lightning_cli.instantiate_class = lambda args, init: inits.append(init)
-            try:
-                super()._add_configure_optimizers_method_to_model(subcommand)
-            finally:
-                lightning_cli.instantiate_class = instantiate
-            if not inits:
-                return
-            optimizer_init, scheduler_init = inits[0], (inits[1] if len(inits) > 1 else None)
-            cli = self
-
-            def configure_optimizers(module):
-                optimizer = instantiate([p for p in module.parameters() if p.requires_grad], optimizer_init)
-                scheduler = instantiate(optimizer, scheduler_init) if scheduler_init else None
-                return cli.configure_optimizers(module, optimizer, scheduler)
-
-            self.model.configure_optimizers = MethodType(configure_optimizers, self.model)
 
         def instantiate_trainer(self, **kwargs: Any):
             """Swap Lightning's default TQDM bar for one that shows rounds, clients, MB and epsilon."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import traceback
-from typing import Any
+from typing import Any, TypedDict
 
 import lightning.pytorch as pl
 import torch
@@ -14,6 +14,13 @@ from fedlight.evaluators.base import Evaluator
 from fedlight.peft.base import PeftMethod
 from fedlight.peft.lora import LoRA
 from fedlight.tasks.base import Task
+
+
+class ClassInit(TypedDict, total=False):
+    """A class and its arguments as LightningCLI links them (``optimizer:`` → ``model.optimizer``)."""
+
+    class_path: str
+    init_args: dict[str, Any]
 
 
 class FederatedModule(pl.LightningModule):
@@ -29,6 +36,9 @@ class FederatedModule(pl.LightningModule):
             ``reference``, or a plugin's) scored on the global model before training, every
             ``eval_every`` rounds and after the last; columns ``val_<label>_<metric>`` in rounds.csv.
         eval_every: run the evaluators every N rounds (and always after the last round).
+        optimizer: set from the top-level ``optimizer:`` section (``class_path`` + ``init_args``): the
+            client optimizer, built over the trainable tensors when training starts.
+        lr_scheduler: set from the top-level ``lr_scheduler:`` section.
     """
 
     def __init__(
@@ -39,6 +49,8 @@ class FederatedModule(pl.LightningModule):
         weight_decay: float = 0.0,
         evaluators: list[Evaluator] | None = None,
         eval_every: int = 1,
+        optimizer: ClassInit | None = None,
+        lr_scheduler: ClassInit | None = None,
     ) -> None:
         super().__init__()
         if lr <= 0:
@@ -57,6 +69,7 @@ class FederatedModule(pl.LightningModule):
         self.task = task
         self.peft = peft
         self.lr = lr
+        self.optimizer_init, self.lr_scheduler_init = optimizer, lr_scheduler
         self.weight_decay = weight_decay
         self.model: torch.nn.Module | None = None
         self.num_classes: int | None = None
@@ -244,5 +257,14 @@ class FederatedModule(pl.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
     def configure_optimizers(self):
+        """Client AdamW over the trainable tensors, or the config's ``optimizer:`` / ``lr_scheduler:`` sections."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        if self.optimizer_init is None:
+            return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        from lightning.pytorch.cli import LightningCLI, instantiate_class
+
+        optimizer = instantiate_class(params, dict(self.optimizer_init))
+        if self.lr_scheduler_init is None:
+            return optimizer
+        scheduler = instantiate_class(optimizer, dict(self.lr_scheduler_init))
+        return LightningCLI.configure_optimizers(self, optimizer, scheduler)
