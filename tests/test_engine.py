@@ -142,3 +142,20 @@ def test_runs_print_no_lightning_tips_or_args_warning(tmp_path, capsys, caplog):
     text = capsys.readouterr().out + capsys.readouterr().err + caplog.text
     assert "Tip:" not in text
     assert not [w for w in caught if "args parameter" in str(w.message)]
+
+
+def test_optimizer_and_scheduler_sections_build_over_the_trainable_tensors(tmp_path):
+    """The top-level optimizer:/lr_scheduler: sections reach the module through public LightningCLI links."""
+    cfg = vision_config(
+        tmp_path,
+        optimizer={"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}},
+        lr_scheduler={"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1, "gamma": 0.5}},
+        federation={"rounds": 2, "checkpoint_every": 0},
+    )
+    cli = run_fit(cfg, tmp_path)
+    (optimizer,) = cli.trainer.optimizers
+    assert type(optimizer).__name__ == "SGD"
+    trainable = {id(p) for p in cli.model.model.parameters() if p.requires_grad}
+    assert {id(p) for g in optimizer.param_groups for p in g["params"]} == trainable
+    (config,) = cli.trainer.lr_scheduler_configs
+    assert type(config.scheduler).__name__ == "StepLR" and optimizer.param_groups[0]["lr"] == 0.1 * 0.5**2
