@@ -277,10 +277,10 @@ def print_plugins(stream=None) -> None:
         for kind, table in registry.entries.items():
             for name, entry in table.items():
                 rows[kind][name] = (entry.cls.summary(), entry.provider)
-    for kind, table in rows.items():
+    for kind, listed in rows.items():
         print(f"{kind}:", file=stream)
-        for name in sorted(table):
-            summary, provider = table[name]
+        for name in sorted(listed):
+            summary, provider = listed[name]
             print(f"  {name:<22} {summary}  [{provider}]", file=stream)
     for package, error in sorted(failures.items()):
         print(f"failed to load plugin package {package}: {error.splitlines()[0]}", file=stream)
@@ -301,7 +301,7 @@ def print_plugin_packages(stream=None) -> None:
     for ep in eps:
         dist = ep.dist
         name, version = (dist.name, dist.version) if dist is not None else (ep.value, "")
-        summary = dist.metadata.get("Summary", "") if dist is not None else ""
+        summary = (dist.metadata["Summary"] or "") if dist is not None else ""
         print(f"  {name} {version:<10} {summary}  [{ep.name} = {ep.value}]", file=stream or sys.stdout)
 
 

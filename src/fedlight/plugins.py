@@ -14,12 +14,14 @@ import os
 import pkgutil
 import traceback
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 import pluggy
 
 from fedlight import hookspecs
+from fedlight.core.plugin_base import Plugin
 from fedlight.errors import ConfigError
 
 ENTRY_POINT_GROUP = "fedlight"
@@ -90,7 +92,7 @@ class PluginError(ConfigError):
 class Entry:
     kind: str
     name: str
-    cls: type
+    cls: type[Plugin]
     provider: str
 
     @property
@@ -107,7 +109,7 @@ class Registry:
 
     def add(self, kind: str, cls: type, provider: str) -> None:
         base = kinds()[kind][1]
-        if not (isinstance(cls, type) and issubclass(cls, base)):
+        if not (isinstance(cls, type) and issubclass(cls, base) and issubclass(cls, Plugin)):
             raise PluginError(f"{provider}: {kind} hook returned {cls!r}, which is not a subclass of {base.__name__}")
         name = getattr(cls, "name", "")
         if not name or "name" not in vars(cls):
@@ -209,13 +211,13 @@ def build_registry(autoload: bool | None = None, extra: list[object] | None = No
     return registry
 
 
-def engine_commands() -> dict[str, object]:
+def engine_commands() -> dict[str, Callable[[list[str]], int]]:
     """``{name: main}`` of every engine subcommand (``fedlight_engines``), e.g. ``flower`` from fedlight-flower.
 
     Always with entry points: an engine is a separately installed package whatever the test switch says.
     """
     pm, _, _ = build_plugin_manager(autoload=True)
-    commands: dict[str, object] = {}
+    commands: dict[str, Callable[[list[str]], int]] = {}
     for result in pm.hook.fedlight_engines():
         commands.update(result or {})
     return commands

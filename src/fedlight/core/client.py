@@ -47,7 +47,7 @@ class ClientPipeline:
         generator: torch.Generator,
         client_state: ClientState,
         metrics: dict[str, float] | None = None,
-    ) -> ClientUpdate:
+    ) -> ClientUpdate | None:
         """Delta -> privacy -> (error feedback) -> encode.
 
         ``client_state`` is this client's entry in the client-state store; a lossy codec with

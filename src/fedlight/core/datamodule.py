@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import numpy as np
@@ -161,13 +161,19 @@ class FederatedDataModule(pl.LightningDataModule):
         plan = self._planner(self.trainer.current_epoch + 1)
         sampler = RoundBatchSampler(plan, self.client_indices, self.batch_size, resolve_seed(self.seed))
         return DataLoader(
-            ClientTaggedDataset(self.splits.train),
+            ClientTaggedDataset(self.data_splits.train),
             batch_sampler=sampler,
             collate_fn=partial(collate_with_client, self._task_collate()),
         )
 
+    @property
+    def data_splits(self) -> DatasetSplits:
+        assert self.splits is not None, "FederatedDataModule.setup() loads the splits"
+        return self.splits
+
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(list(self.splits.val), batch_size=self.eval_batch_size, collate_fn=self._task_collate())
+        val = cast(torch.utils.data.Dataset, list(self.data_splits.val))  # a list is a map-style dataset
+        return DataLoader(val, batch_size=self.eval_batch_size, collate_fn=self._task_collate())
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -138,17 +138,48 @@ class RoundEngine:
         self.seed = resolve_seed(schedule.seed)
         self.module: Any = None
         self.data: Any = None
-        self.population: Population | None = None
+        self._population: Population | None = None
         # run state (checkpointed)
-        self.global_state: State | None = None
+        self._global_state: State | None = None
         self.initial_local: State = {}
         self.client_store: dict[int, ClientState] = {}
         self.history: list[dict[str, Any]] = []
         #: True in a client-only process (a Flower ClientApp): its model is not the server's
         self.remote_client = False
         # the round and client in progress
-        self.round: RoundState | None = None
+        self._round: RoundState | None = None
         self.current: ClientRun | None = None
+
+    # the run's state, set once the run is bound/attached (accessing it earlier is a programming error)
+
+    @property
+    def population(self) -> Population:
+        assert self._population is not None, "RoundEngine.bind() sets the population before round 1"
+        return self._population
+
+    @property
+    def global_state(self) -> State:
+        assert self._global_state is not None, "RoundEngine.attach() (or load_state_dict) sets the global state"
+        return self._global_state
+
+    @global_state.setter
+    def global_state(self, state: State) -> None:
+        self._global_state = state
+
+    @property
+    def round(self) -> RoundState:
+        """The round in progress (see :attr:`in_round` for "is there one")."""
+        assert self._round is not None, "no round in progress: begin_round() / receive_round() first"
+        return self._round
+
+    @property
+    def in_round(self) -> RoundState | None:
+        return self._round
+
+    @property
+    def client_run(self) -> ClientRun:
+        assert self.current is not None, "no client is training: start_client() first"
+        return self.current
         #: the model's shared / local tensor names, read once at :meth:`attach` (they never change in a run)
         self.shared_names: list[str] = []
         self.local_names: list[str] = []
@@ -157,7 +188,7 @@ class RoundEngine:
 
     def bind(self, population: Population, data: Any = None) -> None:
         """The federation's population (and its data module, for features that evaluate per client)."""
-        self.population, self.data = population, data
+        self._population, self.data = population, data
         if self.schedule.compute_tiers is not None:
             self.step_scale = self.schedule.compute_tiers.assign(population.num_clients, self.seed)
         self.privacy.bind_run(self.run_spec())
@@ -179,7 +210,7 @@ class RoundEngine:
         compat.check_model(module.task, module.peft, module.model, self.server.aggregator)
         self.module = module
         self.shared_names, self.local_names = list(module.shared_names), list(module.local_names)
-        if self.global_state is None:
+        if self._global_state is None:
             self.global_state = module.peft.get_state(module.model, self.shared_names)
             self.initial_local = module.peft.get_state(module.model, self.local_names)
         else:
@@ -188,7 +219,7 @@ class RoundEngine:
             self.privacy.check_model(module.model)
         except ValueError as err:
             raise ValueError(f"federation.privacy: {err}") from err
-        module.private_step = self.privacy.private_step if self.privacy.per_sample else None
+        module.private_step = getattr(self.privacy, "private_step", None) if self.privacy.per_sample else None
         aggregator = self.server.aggregator
         if aggregator.needs_lora:  # LoRA-aware aggregation: the pairs whose A and B both travel
             shared = set(module.shared_names)
@@ -234,7 +265,7 @@ class RoundEngine:
     def begin_round(self, round_idx: int) -> RoundState:
         """Plan the round and encode the broadcast (features add their own payloads)."""
         plan = self.plan_for(round_idx)
-        self.round = RoundState(plan, self.server.broadcast(self.global_state))
+        self._round = RoundState(plan, self.server.broadcast(self.global_state))
         self.client.begin_round(self, self.round)
         for feature in self.features:
             feature.on_round_start(self, self.round)
@@ -248,7 +279,7 @@ class RoundEngine:
         in-process. ``remote_client`` tells features that this process's model is not the server's.
         """
         self.remote_client = True
-        self.round = RoundState(plan, payload, broadcasts=dict(broadcasts or {}))
+        self._round = RoundState(plan, payload, broadcasts=dict(broadcasts or {}))
         return self.round
 
     def start_client(self, client_id: int) -> ClientRun:
@@ -283,7 +314,7 @@ class RoundEngine:
             feature.on_gradients(self, self.current, lr)
 
     def record_loss(self, loss: float) -> None:
-        self.current.losses.append(loss)
+        self.client_run.losses.append(loss)
 
     def client_failed(self, client_id: int, error: str) -> bool:
         """A client's local training raised: it is excluded from this round (True the first time)."""
@@ -294,7 +325,7 @@ class RoundEngine:
 
     def finish_client(self) -> ClientUpdate | None:
         """The current client is done: its update, or None (lost, crashed, or held back by a feature)."""
-        run, r = self.current, self.round
+        run, r = self.client_run, self.round
         self.current = None
         r.clients_done += 1
         r.losses.extend(run.losses)
@@ -379,6 +410,7 @@ class RoundEngine:
         """The round's rounds.csv row (validation ``metrics`` from the engine's evaluation), appended to history."""
         r = self.round
         report = r.report
+        assert report is not None, "round_row() comes after end_round()"
         for feature in self.features:
             r.metrics.update(feature.round_metrics(self, r))
         row = {

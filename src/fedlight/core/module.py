@@ -117,15 +117,26 @@ class FederatedModule(pl.LightningModule):
         return self
 
     @property
+    def net(self) -> torch.nn.Module:
+        """The built model (``model`` is None until ``build``, which ``setup`` calls before any step)."""
+        assert self.model is not None, "FederatedModule.build() runs in setup, before any step or evaluation"
+        return self.model
+
+    @property
+    def classes(self) -> int:
+        assert self.num_classes is not None, "FederatedModule.build() sets num_classes"
+        return self.num_classes
+
+    @property
     def shared_names(self) -> list[str]:
-        return self.peft.shared_names(self.model)
+        return self.peft.shared_names(self.net)
 
     @property
     def local_names(self) -> list[str]:
-        return self.peft.local_names(self.model)
+        return self.peft.local_names(self.net)
 
     def frozen_names(self) -> list[str]:
-        return [n for n, p in self.model.named_parameters() if not p.requires_grad]
+        return [n for n, p in self.net.named_parameters() if not p.requires_grad]
 
     # --- steps ----------------------------------------------------------------------------------
 
@@ -138,7 +149,7 @@ class FederatedModule(pl.LightningModule):
             if self.private_step is not None:  # sample-level DP-SGD: the loss's gradient is the private one
                 out = self.private_step(self.model, self.task, batch)
             else:
-                out = self.task.step(self.model, batch)
+                out = self.task.step(self.net, batch)
         except Exception:
             if client is None:
                 raise
@@ -154,7 +165,7 @@ class FederatedModule(pl.LightningModule):
         return error
 
     def _eval_step(self, batch: dict[str, Any], metrics, prefix: str) -> None:
-        out = self.task.step(self.model, batch)
+        out = self.task.step(self.net, batch)
         metrics.update(out.preds, out.target)
         self.log(f"{prefix}loss", out.loss, on_epoch=True, prog_bar=prefix == "val_", batch_size=len(out.target))
 
@@ -167,7 +178,7 @@ class FederatedModule(pl.LightningModule):
         Samples (the task's (prompt, generation, reference) triples, then each evaluator's dicts with
         an ``evaluator`` field) are kept in ``last_samples`` for ``samples.jsonl``.
         """
-        result = self.task.generate_eval(self.model, list(self.trainer.datamodule.splits.val))
+        result = self.task.generate_eval(self.net, list(self.trainer.datamodule.splits.val))
         out: dict[str, float] = {}
         samples: list = []
         if result is not None:
@@ -192,17 +203,17 @@ class FederatedModule(pl.LightningModule):
     @torch.no_grad()
     def run_evaluators(self, prefix: str = "val_") -> tuple[dict[str, float], list[dict[str, Any]]]:
         """Every evaluator on the current model (in eval mode): ``{prefix}<label>_<metric>`` and samples."""
-        was_training = self.model.training
-        self.model.eval()
+        was_training = self.net.training
+        self.net.eval()
         metrics: dict[str, float] = {}
         samples: list[dict[str, Any]] = []
         try:
             for evaluator in self.evaluators:
-                result = evaluator.evaluate(self.task, self.model)
+                result = evaluator.evaluate(self.task, self.net)
                 metrics.update({f"{prefix}{evaluator.label}_{k}": float(v) for k, v in result.metrics.items()})
                 samples.extend({"evaluator": evaluator.label, **s} for s in result.samples)
         finally:
-            self.model.train(was_training)
+            self.net.train(was_training)
         self._evaluator_keys.update(metrics)
         return metrics, samples
 
@@ -232,20 +243,20 @@ class FederatedModule(pl.LightningModule):
         ``generate=False`` skips the generative metrics, which always run on the validation split
         (not on ``loader``), e.g. for per-client personalised evaluation.
         """
-        was_training = self.model.training
-        self.model.eval()
-        metrics = self.task.metrics(self.num_classes).clone(prefix=prefix).to(self.device)
+        was_training = self.net.training
+        self.net.eval()
+        metrics = self.task.metrics(self.classes).clone(prefix=prefix).to(self.device)
         total, count = 0.0, 0
         for batch in loader:
             batch = self.transfer_batch_to_device(batch, self.device, 0)
-            out = self.task.step(self.model, batch)
+            out = self.task.step(self.net, batch)
             metrics.update(out.preds, out.target)
             total += float(out.loss) * len(out.target)
             count += len(out.target)
         results = {f"{prefix}loss": total / max(count, 1), **{k: float(v) for k, v in metrics.compute().items()}}
         if generate:
             results.update(self.generation_metrics(prefix))
-        self.model.train(was_training)
+        self.net.train(was_training)
         return results
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -159,6 +159,11 @@ class FederatedRound(pl.Callback):
             if not any(type(c) is type(callback) for c in trainer.callbacks):
                 trainer.callbacks.append(callback)
 
+    @property
+    def run_log(self) -> RunLog:
+        assert self._log is not None, "on_fit_start opens the run log"
+        return self._log
+
     def log_dir(self, trainer: pl.Trainer) -> Path:
         return ensure_dir(Path(trainer.log_dir or trainer.default_root_dir))
 
@@ -186,7 +191,7 @@ class FederatedRound(pl.Callback):
             rank_zero_info(format_manifest(manifest))
         if trainer.current_epoch == 0 and not engine.history and self.options.eval_before_training:
             engine.append_row({"round": 0, "num_clients": 0, **pl_module.evaluate(trainer.datamodule.val_dataloader())})
-            self._log.write(engine.history, pl_module, 0)
+            self.run_log.write(engine.history, pl_module, 0)
             log_row(trainer, engine.history[-1])
 
     # --- the round ------------------------------------------------------------------------------
@@ -211,15 +216,15 @@ class FederatedRound(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module: FederatedModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         engine = self.engine
         error = pl_module.pop_client_error()
-        if error is not None and engine.client_failed(engine.current.client_id, error):
-            rank_zero_warn(f"[fedlight] round {engine.round.round}: client {engine.current.client_id} raised; excluded:\n{error}")
+        if error is not None and engine.client_failed(client := engine.client_run.client_id, error):
+            rank_zero_warn(f"[fedlight] round {engine.round.round}: client {client} raised; excluded:\n{error}")
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None:
             engine.record_loss(float(loss))
         if batch_idx == trainer.num_training_batches - 1:
             engine.finish_client()
             r = engine.end_round()
-            for client_id, reason in r.report.rejected.items():
+            for client_id, reason in (r.report.rejected if r.report else {}).items():
                 rank_zero_info(f"[fedlight] round {r.round}: rejected update of client {client_id}: {reason}")
             if r.skipped:
                 rank_zero_warn(f"[fedlight] round {r.round}: {r.skipped}; round skipped, global model unchanged")
@@ -227,7 +232,7 @@ class FederatedRound(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_") and v.numel() == 1}
         row = self.engine.round_row(metrics)
-        self._log.write(self.engine.history, pl_module, self.engine.round.round)
+        self.run_log.write(self.engine.history, pl_module, self.engine.round.round)
         log_row(trainer, row)
         reason = self.engine.stop_reason()
         if reason:

@@ -61,8 +61,7 @@ def log_row(trainer: pl.Trainer, row: dict[str, Any]) -> None:
 
 def check_trainer(trainer: pl.Trainer, options: Any, dm: Any) -> None:
     """Trainer settings that would break the one-epoch-one-round mapping fail before round 1."""
-    # Lightning's data connector sets this public Trainer attribute without declaring it on the class
-    if trainer.reload_dataloaders_every_n_epochs != 1:  # type: ignore[attr-defined]
+    if trainer.reload_dataloaders_every_n_epochs != 1:
         raise ConfigError("trainer.reload_dataloaders_every_n_epochs must be 1: each round has its own batches")
     if trainer.limit_train_batches not in (1.0, None):
         raise ConfigError("trainer.limit_train_batches would cut rounds short; set federation.local_steps instead")

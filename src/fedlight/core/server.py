@@ -181,7 +181,7 @@ class ServerPipeline:
     def _median_guard(
         self, decoded: list[DecodedUpdate], norms: list[float], report: AggregationReport
     ) -> list[DecodedUpdate]:
-        if not self.median_guard_active or len(decoded) < MIN_UPDATES_FOR_MEDIAN:
+        if self.max_norm_over_median is None or not self.median_guard_active or len(decoded) < MIN_UPDATES_FOR_MEDIAN:
             return decoded
         median = statistics.median(norms)
         if not median > 0:  # most updates are zero: no scale to compare with

@@ -110,11 +110,9 @@ def to_image_tensor(value: Any) -> torch.Tensor:
     This is the layout :class:`fedlight.tasks.image_classification.ImageClassification` collates (as
     ``fashion_mnist`` gives it): grey images keep one channel, which the task repeats to ``in_chans``.
     """
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - pillow comes with torchvision
-        Image = None
-    if Image is not None and isinstance(value, Image.Image):
+    from PIL import Image  # pillow comes with torchvision, a core dependency
+
+    if isinstance(value, Image.Image):
         if value.mode not in ("L", "RGB"):
             value = value.convert("L" if value.mode in ("1", "I", "I;16", "F") else "RGB")
         value = np.asarray(value)
@@ -253,7 +251,7 @@ class HFDataset(Dataset):
         data_files = {self.train_split: resolve_local_files(self.path, "path")}
         if self.val_path is not None:
             data_files[self.val_split or "validation"] = resolve_local_files(self.val_path, "val_path")
-        builder = self.format
+        builder: str = self.format
         if builder == "auto":
             builder = file_format([f for fs in data_files.values() for f in fs], "path")
         kwargs: dict[str, Any] = {}

@@ -30,7 +30,7 @@ class UpdateNorms(RoundFeature):
 
     def round_metrics(self, engine: RoundEngine, round: RoundState) -> dict[str, float]:
         self.rounds_seen += 1
-        accepted = set(round.report.accepted)
+        accepted = set(round.report.accepted) if round.report is not None else set()
         norms = [float(u.metrics["update_norm"]) for u in round.updates if u.client_id in accepted and "update_norm" in u.metrics]
         if not norms:
             return {}
