@@ -269,7 +269,9 @@ def print_plugins(stream=None) -> None:
     from fedlight.plugins import BUILTIN_PROVIDER, ENTRY_POINT_GROUP, autoload_enabled, build_registry
 
     stream = stream or sys.stdout
-    rows = {kind: {name: (summary, BUILTIN_PROVIDER) for name, _, summary in entries} for kind, entries in BUILTINS.items()}
+    rows = {
+        kind: {name: (summary, BUILTIN_PROVIDER) for name, _, summary in entries} for kind, entries in BUILTINS.items()
+    }
     failures: dict[str, str] = {}
     if autoload_enabled() and list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)):
         registry = build_registry(builtins=False)

@@ -13,8 +13,8 @@ import importlib.metadata
 import os
 import pkgutil
 import traceback
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -32,6 +32,7 @@ BUILTIN_PROVIDER = "fedlight"
 def autoload_enabled() -> bool:
     """Whether entry-point plugins load (``FEDLIGHT_DISABLE_PLUGIN_AUTOLOAD=1|true|yes`` turns it off)."""
     return os.environ.get(DISABLE_AUTOLOAD_ENV, "") not in ("1", "true", "yes")
+
 
 #: kind -> (hook name, base class as "module:Class"). Adding a kind is one line here plus one hookspec.
 #: The base classes import torch, so they are imported on first use (``KINDS``), not with this module:
@@ -67,6 +68,7 @@ def __getattr__(name: str) -> Any:
     if name == "KINDS":  # ``from fedlight.plugins import KINDS`` keeps working, lazily
         return kinds()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: packages whose modules may hold built-in hook implementations
 BUILTIN_PACKAGES = [
@@ -134,7 +136,9 @@ class Registry:
             if name in (entry.cls.__name__, entry.import_path):
                 return entry
         hint = f"; packages that failed to load: {sorted(self.failures)}" if self.failures else ""
-        raise PluginError(f"unknown {kind[:-1].replace('_', ' ')} {name!r}; available: {', '.join(self.names(kind))}{hint}")
+        raise PluginError(
+            f"unknown {kind[:-1].replace('_', ' ')} {name!r}; available: {', '.join(self.names(kind))}{hint}"
+        )
 
     def find_class(self, cls: type) -> Entry | None:
         for table in self.entries.values():

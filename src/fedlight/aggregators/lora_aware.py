@@ -34,7 +34,9 @@ class LoraAggregator(Aggregator):
 
     def bind_lora(self, pairs: list) -> None:
         if not pairs:
-            raise ValueError(f"aggregator {self.name!r} needs a LoRA model, but the model has no LoRA layers (use peft: lora)")
+            raise ValueError(
+                f"aggregator {self.name!r} needs a LoRA model, but the model has no LoRA layers (use peft: lora)"
+            )
         self.pairs = list(pairs)
 
     def active_pairs(self, state: State) -> list:
@@ -49,7 +51,9 @@ class LoraAggregator(Aggregator):
         start = self.client_view(global_state, update.client_id)
         return {n: start[n].double() + update.delta[n].double() for n in names}
 
-    def fedavg(self, global_state: State, updates: Sequence[DecodedUpdate], weights: list[float], skip: set[str]) -> State:
+    def fedavg(
+        self, global_state: State, updates: Sequence[DecodedUpdate], weights: list[float], skip: set[str]
+    ) -> State:
         """FedAvg of the tensors not in ``skip``: global + Σ w_k delta_k (fp64 accumulation)."""
         out: State = {}
         for name, value in global_state.items():
@@ -178,7 +182,9 @@ class RankTiered(LoraAggregator):
 
     def check_ranks(self, r: int) -> None:
         if max(self.rank_tiers) > r:
-            raise ValueError(f"{self.name} rank_tiers {self.rank_tiers} exceed the model's LoRA rank r={r}: raise peft r")
+            raise ValueError(
+                f"{self.name} rank_tiers {self.rank_tiers} exceed the model's LoRA rank r={r}: raise peft r"
+            )
 
     def tier_rank(self, client_id: int) -> int:
         """Client ``client_id``'s rank tier: a function of (rank_seed, client id) only."""
@@ -261,9 +267,7 @@ class HetLoRA(RankTiered):
         for u in updates:
             c = self.client_state(global_state, u, [n for p in pairs for n in (p.a, p.b)])
             start = self.client_view(global_state, u.client_id)
-            sq = sum(
-                float((c[p.b] @ c[p.a] - start[p.b].double() @ start[p.a].double()).pow(2).sum()) for p in pairs
-            )
+            sq = sum(float((c[p.b] @ c[p.a] - start[p.b].double() @ start[p.a].double()).pow(2).sum()) for p in pairs)
             norms.append(math.sqrt(sq))
         total = sum(norms)
         if not pairs or total == 0:

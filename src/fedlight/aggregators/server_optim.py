@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
-from fedlight.aggregators.base import Aggregator, check_weighting, client_weights, weighted_mean_delta
-from fedlight.core.state import State, add, check_same_keys, weighted_sum
+from fedlight.aggregators.base import Aggregator, check_weighting, weighted_mean_delta
+from fedlight.core.state import State, add, check_same_keys
 from fedlight.core.update import DecodedUpdate
 from fedlight.hookspecs import hookimpl
+
 
 class ServerOptimizer(Aggregator):
     """Base of the server optimizers: ``global + server_lr * update(pseudo-gradient)`` (not registered itself).

@@ -61,9 +61,7 @@ class Scaffold(ClientMethod):
     def finish_client(self, client_id: int, start: State, trained: State, client_state: ClientState) -> State:
         if self._lr_sum <= 0.0:  # no optimizer step was taken: the control stays as it was
             return {n: torch.zeros_like(self._ci[n]) for n in self.names}
-        new = {
-            n: self._ci[n] - self._c[n] + (start[n].float() - trained[n].float()) / self._lr_sum for n in self.names
-        }
+        new = {n: self._ci[n] - self._c[n] + (start[n].float() - trained[n].float()) / self._lr_sum for n in self.names}
         delta = {n: new[n] - self._ci[n] for n in self.names}
         client_state["control"] = new
         return delta

@@ -81,7 +81,11 @@ class Codec(Plugin):
         else:
             max_header = 4096 + sum(_HEADER_BYTES_PER_TENSOR + 12 * len(k) for k in spec)
         buffers, meta = wire.unpack(payload, layout, max_header, expected_meta=self.meta())
-        state = self.from_buffers(buffers, meta, reference=spec) if self._takes_reference else self.from_buffers(buffers, meta)
+        state = (
+            self.from_buffers(buffers, meta, reference=spec)
+            if self._takes_reference
+            else self.from_buffers(buffers, meta)
+        )
         if spec is not None:
             check_decoded(state, spec)
         return state
@@ -133,7 +137,9 @@ def check_decoded(state: State, spec: wire.Spec) -> None:
         if tuple(value.shape) != want.shape:
             raise wire.PayloadError(f"{name}: decoded shape {tuple(value.shape)} != global {want.shape}")
         if value.dtype != want.dtype:
-            raise wire.PayloadError(f"{name}: decoded dtype {value.dtype} != {want.dtype} (the global state's delta dtype)")
+            raise wire.PayloadError(
+                f"{name}: decoded dtype {value.dtype} != {want.dtype} (the global state's delta dtype)"
+            )
 
 
 def expected_spec(reference: wire.Spec | None, name: str, what: str) -> wire.TensorSpec | None:

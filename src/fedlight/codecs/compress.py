@@ -95,12 +95,18 @@ class CompressCodec(Codec):
             )
         return raw
 
-    def from_buffers(self, buffers: list[wire.Buffer], meta: dict[str, Any], reference: wire.Spec | None = None) -> State:
+    def from_buffers(
+        self, buffers: list[wire.Buffer], meta: dict[str, Any], reference: wire.Spec | None = None
+    ) -> State:
         for key, value in self.wire_params().items():
             if meta.get(key) != value:
-                raise wire.PayloadError(f"compress payload has {key}={meta.get(key)!r}, this codec is configured with {value!r}")
+                raise wire.PayloadError(
+                    f"compress payload has {key}={meta.get(key)!r}, this codec is configured with {value!r}"
+                )
         if [b.name for b in buffers] != ["compressed", "size"]:
-            raise wire.PayloadError(f"compress payload: buffers {[b.name for b in buffers]}, expected ['compressed', 'size']")
+            raise wire.PayloadError(
+                f"compress payload: buffers {[b.name for b in buffers]}, expected ['compressed', 'size']"
+            )
         packed, size = buffers[0].tensor, buffers[1].tensor
         expect(packed, torch.uint8, None, "compressed stream")
         expect(size, torch.int64, (), "inflated size")

@@ -60,14 +60,20 @@ class Fp16Codec(Codec):
             for b in (wire.BufferSpec(f"{k}#h", torch.float16, s.shape), wire.BufferSpec(f"{k}#e", torch.int16, ()))
         ]
 
-    def from_buffers(self, buffers: list[wire.Buffer], meta: dict[str, Any], reference: wire.Spec | None = None) -> State:
+    def from_buffers(
+        self, buffers: list[wire.Buffer], meta: dict[str, Any], reference: wire.Spec | None = None
+    ) -> State:
         if len(buffers) % 2:
-            raise wire.PayloadError(f"fp16 payload has {len(buffers)} buffers; expected a (data, exponent) pair per tensor")
+            raise wire.PayloadError(
+                f"fp16 payload has {len(buffers)} buffers; expected a (data, exponent) pair per tensor"
+            )
         state: State = {}
         for data, exp in zip(buffers[0::2], buffers[1::2], strict=True):
             name, sep, part = data.name.rpartition("#")
             if not sep or part != "h" or exp.name != f"{name}#e":
-                raise wire.PayloadError(f"fp16 payload: buffers {data.name!r}, {exp.name!r} are not a '<name>#h', '<name>#e' pair")
+                raise wire.PayloadError(
+                    f"fp16 payload: buffers {data.name!r}, {exp.name!r} are not a '<name>#h', '<name>#e' pair"
+                )
             if name in state:
                 raise wire.PayloadError(f"fp16 payload: tensor {name!r} appears twice")
             _expect(data.tensor, torch.float16, None, f"{name} data")
@@ -96,7 +102,9 @@ class Bf16Codec(Codec):
     def layout(self, reference: wire.Spec) -> list[wire.BufferSpec]:
         return [wire.BufferSpec(k, torch.bfloat16, s.shape) for k, s in reference.items()]
 
-    def from_buffers(self, buffers: list[wire.Buffer], meta: dict[str, Any], reference: wire.Spec | None = None) -> State:
+    def from_buffers(
+        self, buffers: list[wire.Buffer], meta: dict[str, Any], reference: wire.Spec | None = None
+    ) -> State:
         state: State = {}
         for buf in buffers:
             if buf.name in state:

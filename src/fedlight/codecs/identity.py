@@ -24,7 +24,9 @@ class IdentityCodec(Codec):
     def layout(self, reference: wire.Spec) -> list[wire.BufferSpec]:
         return [wire.BufferSpec(k, torch.float32, s.shape) for k, s in reference.items()]
 
-    def from_buffers(self, buffers: list[wire.Buffer], meta: dict[str, Any], reference: wire.Spec | None = None) -> State:
+    def from_buffers(
+        self, buffers: list[wire.Buffer], meta: dict[str, Any], reference: wire.Spec | None = None
+    ) -> State:
         for b in buffers:
             if b.tensor.dtype != torch.float32:
                 raise wire.PayloadError(f"identity payload: {b.name!r} has dtype {b.tensor.dtype}, not float32")

@@ -49,7 +49,9 @@ def group_buffers(buffers: list[wire.Buffer], parts: tuple[str, ...], codec: str
     return out
 
 
-def expect(t: torch.Tensor, dtypes: torch.dtype | tuple[torch.dtype, ...], shape: tuple[int, ...] | None, what: str) -> None:
+def expect(
+    t: torch.Tensor, dtypes: torch.dtype | tuple[torch.dtype, ...], shape: tuple[int, ...] | None, what: str
+) -> None:
     """Raise PayloadError unless ``t`` has one of ``dtypes`` (and ``shape``, when given)."""
     dtypes = dtypes if isinstance(dtypes, tuple) else (dtypes,)
     if t.dtype not in dtypes:
@@ -72,7 +74,9 @@ def read_shape(t: torch.Tensor, what: str, expected: wire.TensorSpec | None = No
     allocated from it: returns (shape, numel)."""
     expect(t, torch.int64, None, what)
     if t.dim() != 1 or t.numel() > wire.MAX_RANK:
-        raise wire.PayloadError(f"{what}: a shape must be an int64 vector of at most {wire.MAX_RANK} dims, got shape {tuple(t.shape)}")
+        raise wire.PayloadError(
+            f"{what}: a shape must be an int64 vector of at most {wire.MAX_RANK} dims, got shape {tuple(t.shape)}"
+        )
     shape = tuple(int(s) for s in t.tolist())
     if expected is not None and shape != expected.shape:
         raise wire.PayloadError(f"{what}: {shape} where the global state has {expected.shape}")
@@ -87,12 +91,18 @@ def check_params(meta: dict[str, Any], expected: dict[str, Any], codec: str) -> 
     """The header's codec parameters must be this decoder's own: a mismatch is a misconfiguration or corruption."""
     for key, value in expected.items():
         if meta.get(key) != value:
-            raise wire.PayloadError(f"{codec} payload has {key}={meta.get(key)!r}, this codec is configured with {value!r}")
+            raise wire.PayloadError(
+                f"{codec} payload has {key}={meta.get(key)!r}, this codec is configured with {value!r}"
+            )
 
 
 def derived_generator(seed: int, name: str, x: torch.Tensor) -> torch.Generator:
     """A generator seeded from (seed, tensor name, CRC32 of the fp32 contents): reproducible and stateless."""
-    crc = zlib.crc32(x.detach().to("cpu", torch.float32).contiguous().reshape(-1).view(torch.uint8).numpy().data) if x.numel() else 0
+    crc = (
+        zlib.crc32(x.detach().to("cpu", torch.float32).contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        if x.numel()
+        else 0
+    )
     digest = hashlib.blake2b(f"{seed}\0{name}\0{crc}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
 
@@ -247,7 +257,9 @@ class Int8Codec(_LinearQuantizer):
             )
         ]
 
-    def from_buffers(self, buffers: list[wire.Buffer], meta: dict[str, Any], reference: wire.Spec | None = None) -> State:
+    def from_buffers(
+        self, buffers: list[wire.Buffer], meta: dict[str, Any], reference: wire.Spec | None = None
+    ) -> State:
         check_params(meta, self.wire_params(), self.name)
         state: State = {}
         for name, parts in group_buffers(buffers, ("q", "s"), self.name).items():
@@ -303,7 +315,9 @@ class Int4Codec(_LinearQuantizer):
             )
         ]
 
-    def from_buffers(self, buffers: list[wire.Buffer], meta: dict[str, Any], reference: wire.Spec | None = None) -> State:
+    def from_buffers(
+        self, buffers: list[wire.Buffer], meta: dict[str, Any], reference: wire.Spec | None = None
+    ) -> State:
         check_params(meta, self.wire_params(), self.name)
         state: State = {}
         for name, parts in group_buffers(buffers, ("q", "s", "shape"), self.name).items():

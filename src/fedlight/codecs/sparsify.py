@@ -36,7 +36,9 @@ class _Sparsifier(Codec):
     def __init__(self, density: float = 0.01, error_feedback: bool = False) -> None:
         super().__init__(error_feedback=error_feedback)
         if not isinstance(density, (int, float)) or not 0.0 < float(density) <= 1.0:
-            raise ValueError(f"{self.name}.density must be in (0, 1] (the fraction of values sent, e.g. 0.01), got {density!r}")
+            raise ValueError(
+                f"{self.name}.density must be in (0, 1] (the fraction of values sent, e.g. 0.01), got {density!r}"
+            )
         self.density = float(density)
 
     def num_kept(self, numel: int) -> int:
@@ -71,9 +73,13 @@ class _Sparsifier(Codec):
             ]
         return out
 
-    def from_buffers(self, buffers: list[wire.Buffer], meta: dict[str, Any], reference: wire.Spec | None = None) -> State:
+    def from_buffers(
+        self, buffers: list[wire.Buffer], meta: dict[str, Any], reference: wire.Spec | None = None
+    ) -> State:
         if meta.get("density") != self.density:
-            raise wire.PayloadError(f"{self.name} payload has density={meta.get('density')!r}, this codec is configured with {self.density!r}")
+            raise wire.PayloadError(
+                f"{self.name} payload has density={meta.get('density')!r}, this codec is configured with {self.density!r}"
+            )
         state: State = {}
         for name, parts in group_buffers(buffers, ("i", "v", "shape"), self.name).items():
             shape, numel = read_shape(parts["shape"], f"{name} shape", expected_spec(reference, name, self.name))

@@ -90,7 +90,12 @@ def pack(buffers: list[Buffer], meta: dict[str, Any]) -> bytes:
     for buf in buffers:
         blob = _tensor_bytes(buf.tensor)
         entries.append(
-            {"name": buf.name, "dtype": dtype_name(buf.tensor.dtype), "shape": list(buf.tensor.shape), "nbytes": len(blob)}
+            {
+                "name": buf.name,
+                "dtype": dtype_name(buf.tensor.dtype),
+                "shape": list(buf.tensor.shape),
+                "nbytes": len(blob),
+            }
         )
         blobs.append(blob)
     header = _header(entries, meta)
@@ -180,7 +185,9 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 def header_bytes(layout: list[BufferSpec], meta: dict[str, Any]) -> bytes:
     """The exact JSON header :func:`pack` writes for buffers of ``layout`` (no data needed)."""
-    entries = [{"name": b.name, "dtype": dtype_name(b.dtype), "shape": list(b.shape), "nbytes": b.nbytes} for b in layout]
+    entries = [
+        {"name": b.name, "dtype": dtype_name(b.dtype), "shape": list(b.shape), "nbytes": b.nbytes} for b in layout
+    ]
     return _header(entries, meta)
 
 
@@ -224,13 +231,17 @@ def _parse_header(raw: bytes) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 def _check_meta(meta: dict[str, Any], expected: dict[str, Any]) -> None:
     """The header's codec metadata must be the decoder's own (compared as JSON: a tuple travels as a list)."""
     if meta.get("codec") != expected.get("codec"):
-        raise PayloadError(f"payload was encoded by codec {str(meta.get('codec'))[:80]!r}, not {expected.get('codec')!r}")
+        raise PayloadError(
+            f"payload was encoded by codec {str(meta.get('codec'))[:80]!r}, not {expected.get('codec')!r}"
+        )
     want = json.loads(json.dumps(expected))
     if meta != want:
         keys = [k for k in sorted(set(meta) | set(want)) if meta.get(k) != want.get(k)][:8]
         raise PayloadError(
-            f"{want.get('codec')} payload has " + ", ".join(f"{k[:40]}={str(meta.get(k))[:80]}" for k in keys)
-            + "; this codec is configured with " + ", ".join(f"{k[:40]}={want.get(k)!r}" for k in keys)
+            f"{want.get('codec')} payload has "
+            + ", ".join(f"{k[:40]}={str(meta.get(k))[:80]}" for k in keys)
+            + "; this codec is configured with "
+            + ", ".join(f"{k[:40]}={want.get(k)!r}" for k in keys)
         )
 
 
@@ -238,7 +249,9 @@ def _check_layout(got: list[tuple[str, torch.dtype, tuple[int, ...]]], layout: l
     """The header's buffers must be exactly those a legitimate encoding of the reference state has."""
     for (name, dtype, shape), want in zip(got, layout):
         if name != want.name:
-            raise PayloadError(f"payload buffer {name[:80]!r} where {want.name!r} is expected (names differ from the global state)")
+            raise PayloadError(
+                f"payload buffer {name[:80]!r} where {want.name!r} is expected (names differ from the global state)"
+            )
         if dtype != want.dtype:
             raise PayloadError(f"buffer {name!r}: dtype {dtype} where {want.dtype} is expected")
         if shape != want.shape:
@@ -247,7 +260,7 @@ def _check_layout(got: list[tuple[str, torch.dtype, tuple[int, ...]]], layout: l
         missing = [b.name for b in layout[len(got) :]][:5]
         raise PayloadError(
             f"payload has {len(got)} buffers where the global state needs {len(layout)} "
-            f"(tensor names differ: missing {missing}, unexpected {[g[0][:80] for g in got[len(layout):]][:5]})"
+            f"(tensor names differ: missing {missing}, unexpected {[g[0][:80] for g in got[len(layout) :]][:5]})"
         )
 
 
@@ -258,16 +271,22 @@ def _check_entry(e: Any, seen: set[str]) -> tuple[str, torch.dtype, tuple[int, .
         raise PayloadError(f"buffer entry must be an object with keys {sorted(_ENTRY_KEYS)}, got {str(got)[:200]}")
     name, dtype, shape, nbytes = e["name"], e["dtype"], e["shape"], e["nbytes"]
     if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME_CHARS:
-        raise PayloadError(f"buffer name must be a non-empty string of at most {MAX_NAME_CHARS} characters, got {str(name)[:80]!r}")
+        raise PayloadError(
+            f"buffer name must be a non-empty string of at most {MAX_NAME_CHARS} characters, got {str(name)[:80]!r}"
+        )
     if name in seen:
         raise PayloadError(f"buffer {name!r} appears twice in the payload")
     seen.add(name)
     if not isinstance(dtype, str) or dtype not in _DTYPES:
         raise PayloadError(f"buffer {name!r}: dtype {str(dtype)[:40]!r} is not one of {sorted(_DTYPES)}")
     if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(type(s) is int for s in shape):
-        raise PayloadError(f"buffer {name!r}: shape must be a list of at most {MAX_RANK} integers, got {str(shape)[:80]}")
+        raise PayloadError(
+            f"buffer {name!r}: shape must be a list of at most {MAX_RANK} integers, got {str(shape)[:80]}"
+        )
     if any(not 0 <= s <= MAX_NUMEL for s in shape) or math.prod(max(s, 1) for s in shape) > MAX_NUMEL:
-        raise PayloadError(f"buffer {name!r}: shape {shape} has a negative or absurd dimension (at most {MAX_NUMEL} values)")
+        raise PayloadError(
+            f"buffer {name!r}: shape {shape} has a negative or absurd dimension (at most {MAX_NUMEL} values)"
+        )
     if type(nbytes) is not int:
         raise PayloadError(f"buffer {name!r}: nbytes must be an integer, got {str(nbytes)[:40]!r}")
     expected = math.prod(shape) * _itemsize(_DTYPES[dtype])
@@ -311,7 +330,9 @@ def unpack(
     offset = start + hlen
     if offset + sum(nbytes for *_, nbytes in entries) != end:
         total = sum(nbytes for *_, nbytes in entries)
-        raise PayloadError(f"header lists {total} bytes of buffers, the payload holds {end - offset}: truncated or corrupt")
+        raise PayloadError(
+            f"header lists {total} bytes of buffers, the payload holds {end - offset}: truncated or corrupt"
+        )
     buffers: list[Buffer] = []
     for name, dtype, shape, nbytes in entries:
         raw = bytearray(payload[offset : offset + nbytes])

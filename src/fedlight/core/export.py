@@ -166,7 +166,9 @@ def _fold_base_delta(model: PeftModel, out_dir: Path, base_delta: dict[str, torc
     by_weight = {f"{n}.base_layer.weight": n for n in layers}
     unknown = sorted(set(base_delta) - set(by_weight))
     if unknown:
-        raise ValueError(f"merged base weights {unknown[:3]} belong to no LoRA layer: they cannot be exported as an adapter")
+        raise ValueError(
+            f"merged base weights {unknown[:3]} belong to no LoRA layer: they cannot be exported as an adapter"
+        )
     for weight_name, delta in base_delta.items():
         name = by_weight[weight_name]
         layer = layers[name]
@@ -302,15 +304,21 @@ def load_adapter(base_model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         return peft.PeftModel.from_pretrained(base_model, str(adapter_dir))
     path = adapter_dir / TRAINABLE_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{adapter_dir} holds neither {TRAINABLE_FILE} nor adapter_config.json: not an adapter export")
+        raise FileNotFoundError(
+            f"{adapter_dir} holds neither {TRAINABLE_FILE} nor adapter_config.json: not an adapter export"
+        )
     state = load_file(str(path))
     params = dict(base_model.named_parameters())
     missing = [n for n in state if n not in params]
     if missing:
-        raise KeyError(f"the base model has no tensors {missing[:5]}: is it the architecture the adapter was trained on?")
+        raise KeyError(
+            f"the base model has no tensors {missing[:5]}: is it the architecture the adapter was trained on?"
+        )
     with torch.no_grad():
         for name, value in state.items():
             if params[name].shape != value.shape:
-                raise ValueError(f"{name}: adapter shape {tuple(value.shape)} != base shape {tuple(params[name].shape)}")
+                raise ValueError(
+                    f"{name}: adapter shape {tuple(value.shape)} != base shape {tuple(params[name].shape)}"
+                )
             params[name].copy_(value.to(params[name].dtype))
     return base_model

@@ -84,7 +84,9 @@ def base_memory(model: torch.nn.Module, quantization: Any = None) -> dict[str, A
         if base is not None and ((prefix and prefix in name) or ".modules_to_save." in name):
             continue
         total += tensor_bytes(tensor)
-        fp32 += 4 * logical_numel(tensor) if tensor.is_floating_point() or is_quantized(tensor) else tensor_bytes(tensor)
+        fp32 += (
+            4 * logical_numel(tensor) if tensor.is_floating_point() or is_quantized(tensor) else tensor_bytes(tensor)
+        )
         quantized += is_quantized(tensor)
     return {
         "bytes": total,
@@ -192,8 +194,14 @@ def _bytes(n: int) -> str:
 
 def format_manifest(manifest: dict[str, Any]) -> str:
     """A short human summary, printed before round 1."""
-    what = {"shared": "trained, sent every round", "local": "trained, stays on each client", "frozen": "never trained or sent"}
-    lines = [f"[fedlight] {manifest['method']} on {manifest['model']} ({manifest['task']}), {_count(manifest['total_numel'])} parameters"]
+    what = {
+        "shared": "trained, sent every round",
+        "local": "trained, stays on each client",
+        "frozen": "never trained or sent",
+    }
+    lines = [
+        f"[fedlight] {manifest['method']} on {manifest['model']} ({manifest['task']}), {_count(manifest['total_numel'])} parameters"
+    ]
     for category in CATEGORIES:
         c = manifest[category]["counts"]
         lines.append(
@@ -202,7 +210,11 @@ def format_manifest(manifest: dict[str, Any]) -> str:
         )
     base = manifest.get("base")
     if base:
-        how = f"{base['quantization']}, {base['quantized_tensors']} quantized tensors" if base["quantization"] else "not quantized"
+        how = (
+            f"{base['quantization']}, {base['quantized_tensors']} quantized tensors"
+            if base["quantization"]
+            else "not quantized"
+        )
         lines.append(f"  base in memory: {_bytes(base['bytes'])} ({how}; fp32: {_bytes(base['fp32_bytes'])})")
     shared, full = manifest["shared_bytes_per_round"], manifest["full_model_bytes_per_round"]
     line = f"  uplink per client per round: {_bytes(shared)} ({manifest['codec']} codec)"

@@ -197,7 +197,9 @@ class FederatedModule(pl.LightningModule):
         every ``eval_every`` rounds and after the last one."""
         if round_idx is None:
             return True
-        last = self._trainer is not None and self.trainer.max_epochs is not None and round_idx >= self.trainer.max_epochs
+        last = (
+            self._trainer is not None and self.trainer.max_epochs is not None and round_idx >= self.trainer.max_epochs
+        )
         return round_idx % self.eval_every == 0 or last
 
     @torch.no_grad()

@@ -84,7 +84,9 @@ def plan_round(
         if not 0 < poisson_rate <= 1:
             raise ValueError(f"poisson_rate must be in (0, 1], got {poisson_rate}")
         if sampling != "uniform":
-            raise ValueError(f"Poisson client sampling includes every client at the same rate; got sampling {sampling!r}")
+            raise ValueError(
+                f"Poisson client sampling includes every client at the same rate; got sampling {sampling!r}"
+            )
         chosen = np.flatnonzero(rng.random(num_clients) < poisson_rate)
     elif sampling == "weighted":
         p = np.asarray(client_sizes, dtype=np.float64)

@@ -155,7 +155,10 @@ class FederatedRound(pl.Callback):
             raise ConfigError(str(err)) from err
         dm.set_planner(self.engine.plan_for)
         o = self.options
-        for callback in (RoundCheckpoint(self, o.checkpoint_every), AdapterExport(self, o.export_every, o.export_merged)):
+        for callback in (
+            RoundCheckpoint(self, o.checkpoint_every),
+            AdapterExport(self, o.export_every, o.export_merged),
+        ):
             if not any(type(c) is type(callback) for c in trainer.callbacks):
                 trainer.callbacks.append(callback)
 

@@ -51,7 +51,9 @@ class AdapterExport(pl.Callback):
 def log_row(trainer: pl.Trainer, row: dict[str, Any]) -> None:
     """Every numeric rounds.csv column to every Lightning logger: ``round/<column>`` against the round, and
     ``round_by_kb/<column>`` against the cumulative kilobytes sent so far (accuracy vs communication)."""
-    values = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool) and k != "round"}
+    values = {
+        k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool) and k != "round"
+    }
     kb = int(round(row.get("cumulative_mb", 0.0) * 1000))
     for logger in trainer.loggers:
         logger.log_metrics({f"round/{k}": v for k, v in values.items()}, step=int(row["round"]))

@@ -14,7 +14,17 @@ ROUNDS_CSV = "rounds.csv"
 SAMPLES = "samples.jsonl"
 MB = 1e6
 #: leading columns of rounds.csv; task metrics (val_*) and others follow in first-seen order
-CSV_COLUMNS = ("round", "num_clients", "rejected", "dropped", "failed", "uplink_bytes", "downlink_bytes", "cumulative_mb", "train_loss")
+CSV_COLUMNS = (
+    "round",
+    "num_clients",
+    "rejected",
+    "dropped",
+    "failed",
+    "uplink_bytes",
+    "downlink_bytes",
+    "cumulative_mb",
+    "train_loss",
+)
 
 
 class RunLog:

@@ -152,7 +152,9 @@ class ServerPipeline:
         new_global, report.base_delta = self.aggregator.aggregate_with_base(global_state, decoded)
         new_global = self.privacy.post_aggregate(global_state, new_global, len(decoded), generator)
         if problem := _not_finite(new_global, report.base_delta):
-            report.skipped = f"round skipped, global state unchanged: the aggregate of {len(decoded)} accepted updates {problem}"
+            report.skipped = (
+                f"round skipped, global state unchanged: the aggregate of {len(decoded)} accepted updates {problem}"
+            )
             report.rejected.update({c: report.skipped for c in report.accepted})
             report.accepted, report.base_delta = [], {}
             return global_state, report

@@ -44,6 +44,7 @@ def _advice(code: int | None) -> str:
         return "a file is in the way of a directory on that path (or the reverse): move it"
     return "check that disk"
 
+
 def storage_error(err: OSError, path: str | os.PathLike, action: str = "write") -> StorageError:
     """The one message for a failed write: the path, the OS reason, what to change, what is kept."""
     code = err.errno
@@ -264,4 +265,3 @@ def release_loggers(trainer, exception: BaseException) -> None:
             continue
         keep.append(logger)
     trainer.loggers = keep
-

@@ -70,7 +70,9 @@ def _subset(labels: np.ndarray, limit: int | None, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     per = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
-    take = np.concatenate([p[: limit // len(classes) + (1 if i < limit % len(classes) else 0)] for i, p in enumerate(per)])
+    take = np.concatenate(
+        [p[: limit // len(classes) + (1 if i < limit % len(classes) else 0)] for i, p in enumerate(per)]
+    )
     return np.sort(take)
 
 

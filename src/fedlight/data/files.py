@@ -153,7 +153,9 @@ class Files(Dataset):
         if any(GROUP_COLUMN in r for r in train_rows):
             missing = [i for i, r in enumerate(train_rows, 1) if r.get(GROUP_COLUMN) in (None, "")]
             if missing:
-                raise ValueError(f"files: the 'group' column is empty in {len(missing)} training rows (e.g. row {missing[0]})")
+                raise ValueError(
+                    f"files: the 'group' column is empty in {len(missing)} training rows (e.g. row {missing[0]})"
+                )
             groups = [str(r[GROUP_COLUMN]) for r in train_rows]
         return DatasetSplits(
             train=[example(r) for r in train_rows],

@@ -57,7 +57,9 @@ class Evaluator(Plugin):
     #: the columns every item must have
     columns: tuple[str, ...] = ()
 
-    def __init__(self, path: str, label: str | None = None, max_examples: int | None = None, num_samples: int = 3) -> None:
+    def __init__(
+        self, path: str, label: str | None = None, max_examples: int | None = None, num_samples: int = 3
+    ) -> None:
         if max_examples is not None and max_examples < 1:
             raise ValueError(f"{self.name} max_examples must be >= 1 or null, got {max_examples}")
         if num_samples < 0:

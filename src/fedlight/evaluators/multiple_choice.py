@@ -40,7 +40,9 @@ class MultipleChoice(Evaluator):
         if scoring not in ("choice_text", "letter"):
             raise ValueError(f"multiple_choice scoring must be 'choice_text' or 'letter', got {scoring!r}")
         if "{question}" not in question_template:
-            raise ValueError(f"multiple_choice question_template must contain '{{question}}', got {question_template!r}")
+            raise ValueError(
+                f"multiple_choice question_template must contain '{{question}}', got {question_template!r}"
+            )
         self.scoring, self.question_template = scoring, question_template
         super().__init__(path, label, max_examples, num_samples)
 

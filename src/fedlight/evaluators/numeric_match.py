@@ -64,7 +64,9 @@ class NumericMatch(Evaluator):
         row = super().check_item(lineno, row)
         target = final_number(str(row["answer"]))
         if target is None:
-            raise ValueError(f"numeric_match evaluator: {self.path} item {lineno}: 'answer' {row['answer']!r} has no number")
+            raise ValueError(
+                f"numeric_match evaluator: {self.path} item {lineno}: 'answer' {row['answer']!r} has no number"
+            )
         return {"question": str(row["question"]), "answer": str(row["answer"]), "target": target}
 
     def evaluate(self, task: Any, model: nn.Module) -> EvalResult:
@@ -78,7 +80,9 @@ class NumericMatch(Evaluator):
             correct += ok
             has_number += got is not None
             if len(samples) < self.num_samples:
-                samples.append({"prompt": prompt, "generation": generation, "reference": str(item["target"]), "correct": ok})
+                samples.append(
+                    {"prompt": prompt, "generation": generation, "reference": str(item["target"]), "correct": ok}
+                )
         n = max(len(self.items), 1)
         return EvalResult({"exact_match": correct / n, "has_number": has_number / n}, samples)
 

@@ -11,7 +11,9 @@ from typing import Any
 from fedlight.errors import ConfigError
 
 
-def evaluate_adapter(config: str | Path, adapter: str | Path | None = None) -> tuple[dict[str, float], list[dict[str, Any]]]:
+def evaluate_adapter(
+    config: str | Path, adapter: str | Path | None = None
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Metrics (``<label>_<metric>``) and samples of the config's ``model.evaluators`` on base + adapter.
 
     The base is the config's ``model.task`` model; ``adapter`` is a directory written by
@@ -37,15 +39,21 @@ def evaluate_adapter(config: str | Path, adapter: str | Path | None = None) -> t
         cli = run_cli(["--config", str(path), "--trainer.logger", "false"], run=False)
     module = cli.model
     if not module.evaluators:
-        raise ConfigError(f"{config}: no model.evaluators to run; add e.g. {{class_path: multiple_choice, init_args: {{path: ...}}}}")
+        raise ConfigError(
+            f"{config}: no model.evaluators to run; add e.g. {{class_path: multiple_choice, init_args: {{path: ...}}}}"
+        )
     num_classes = 0
     if adapter is not None:
         adapter = Path(adapter)
         if not (adapter / ADAPTER_JSON).is_file():
-            raise ConfigError(f"--adapter {str(adapter)!r} has no {ADAPTER_JSON}: not a fedlight export (federation.export_every)")
+            raise ConfigError(
+                f"--adapter {str(adapter)!r} has no {ADAPTER_JSON}: not a fedlight export (federation.export_every)"
+            )
         info = read_adapter_info(adapter)
         if info["base"].get("task") not in (None, module.task.name):
-            raise ConfigError(f"--adapter was trained with task {info['base']['task']!r}, the config has {module.task.name!r}")
+            raise ConfigError(
+                f"--adapter was trained with task {info['base']['task']!r}, the config has {module.task.name!r}"
+            )
         num_classes = int(info.get("num_classes") or 0)
     try:
         model = module.task.build_model(num_classes)

@@ -78,7 +78,9 @@ class RoundFeature(Plugin):
         """True to keep the client's update back (the feature sends it later with ``engine.send``)."""
         return False
 
-    def on_client_end(self, engine: RoundEngine, client: ClientRun, trained: State, update: ClientUpdate | None) -> None:
+    def on_client_end(
+        self, engine: RoundEngine, client: ClientRun, trained: State, update: ClientUpdate | None
+    ) -> None:
         """The client's update was sent (None: the client pipeline declined); extras go in ``update.extras``."""
 
     def before_aggregate(self, engine: RoundEngine, round: RoundState) -> None:

@@ -37,12 +37,16 @@ class ClientMethodFeature(RoundFeature):
         payload = engine.round.broadcasts.get(self.key, b"")
         received = engine.client.receive(payload) if payload else {}
         engine.round.downlink += len(payload)
-        self.method.start_client(client.client_id, client.start, received, engine.client_store.get(client.client_id, {}))
+        self.method.start_client(
+            client.client_id, client.start, received, engine.client_store.get(client.client_id, {})
+        )
 
     def on_gradients(self, engine: RoundEngine, client: ClientRun, lr: float) -> None:
         self.method.correct_gradients(self._params, lr)
 
-    def on_client_end(self, engine: RoundEngine, client: ClientRun, trained: State, update: ClientUpdate | None) -> None:
+    def on_client_end(
+        self, engine: RoundEngine, client: ClientRun, trained: State, update: ClientUpdate | None
+    ) -> None:
         store = engine.client_store.setdefault(client.client_id, {})
         extra = self.method.finish_client(client.client_id, client.start, trained, store)
         if extra and update is not None:

@@ -24,14 +24,20 @@ class UpdateNorms(RoundFeature):
     def __init__(self) -> None:
         self.rounds_seen = 0
 
-    def on_client_end(self, engine: RoundEngine, client: ClientRun, trained: State, update: ClientUpdate | None) -> None:
+    def on_client_end(
+        self, engine: RoundEngine, client: ClientRun, trained: State, update: ClientUpdate | None
+    ) -> None:
         if update is not None:
             update.metrics["update_norm"] = global_norm(subtract(trained, client.start))
 
     def round_metrics(self, engine: RoundEngine, round: RoundState) -> dict[str, float]:
         self.rounds_seen += 1
         accepted = set(round.report.accepted) if round.report is not None else set()
-        norms = [float(u.metrics["update_norm"]) for u in round.updates if u.client_id in accepted and "update_norm" in u.metrics]
+        norms = [
+            float(u.metrics["update_norm"])
+            for u in round.updates
+            if u.client_id in accepted and "update_norm" in u.metrics
+        ]
         if not norms:
             return {}
         return {"update_norm_mean": sum(norms) / len(norms), "update_norm_max": max(norms)}

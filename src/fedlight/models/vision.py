@@ -358,7 +358,9 @@ def pretrained_state(spec: str, architecture: str | None = None) -> dict[str, to
     source = get_source(spec, architecture)
     weight_file = source.locate(source.package_dir())
     if not weight_file.exists():
-        raise FileNotFoundError(f"{weight_file} is missing from {source.distribution}; reinstall with: {source.install}")
+        raise FileNotFoundError(
+            f"{weight_file} is missing from {source.distribution}; reinstall with: {source.install}"
+        )
     folder = cache_dir() / "vision" / f"{source.distribution}-{source.version()}"
     target = folder / f"{source.architecture}.safetensors"
     meta_path = target.with_suffix(".json")

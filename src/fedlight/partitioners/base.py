@@ -43,7 +43,9 @@ class Partitioner(Plugin):
             if len(examples) != len(labels):
                 raise ValueError(f"{self.name}: {len(examples)} examples for {len(labels)} labels")
             extra.update(examples=examples, groups=None if groups is None else np.asarray(groups))
-        parts = [np.sort(np.asarray(p, dtype=np.int64)) for p in self.split(np.asarray(labels), num_clients, seed, **extra)]
+        parts = [
+            np.sort(np.asarray(p, dtype=np.int64)) for p in self.split(np.asarray(labels), num_clients, seed, **extra)
+        ]
         empty = [i for i, p in enumerate(parts) if len(p) == 0]
         if empty:
             raise ValueError(

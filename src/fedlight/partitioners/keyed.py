@@ -48,7 +48,9 @@ def example_text(example: dict[str, Any], field: str | None) -> str:
     for name in TEXT_FIELDS:
         if name in example:
             return str(example[name])
-    raise ValueError(f"examples have none of the text fields {list(TEXT_FIELDS)} (they have {sorted(example)}); set `field`")
+    raise ValueError(
+        f"examples have none of the text fields {list(TEXT_FIELDS)} (they have {sorted(example)}); set `field`"
+    )
 
 
 class KeyedPartitioner(Partitioner):

@@ -26,7 +26,9 @@ class Metadata(KeyedPartitioner):
     name = "metadata"
     example_args = {"column": GROUP_COLUMN, "alpha": 0.5, "min_size": 1}
 
-    def __init__(self, column: str = GROUP_COLUMN, alpha: float = 0.5, mode: KeyMode = "dirichlet", min_size: int = 2) -> None:
+    def __init__(
+        self, column: str = GROUP_COLUMN, alpha: float = 0.5, mode: KeyMode = "dirichlet", min_size: int = 2
+    ) -> None:
         super().__init__(alpha, mode, min_size)
         if not column:
             raise ValueError("metadata column must be a non-empty field name")
@@ -36,7 +38,9 @@ class Metadata(KeyedPartitioner):
         if examples and self.column in examples[0]:
             missing = [i for i, e in enumerate(examples) if e.get(self.column) in (None, "")]
             if missing:
-                raise ValueError(f"metadata column {self.column!r} is empty in {len(missing)} examples (e.g. #{missing[0]})")
+                raise ValueError(
+                    f"metadata column {self.column!r} is empty in {len(missing)} examples (e.g. #{missing[0]})"
+                )
             values = [str(e[self.column]) for e in examples]
         elif self.column == GROUP_COLUMN and groups is not None:
             values = [str(g) for g in groups]

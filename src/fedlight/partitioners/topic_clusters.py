@@ -17,7 +17,9 @@ _EMBEDDINGS: dict[tuple[str, int, str], np.ndarray] = {}  # (encoder dir, max_le
 
 
 @torch.no_grad()
-def embed_texts(texts: Sequence[str], encoder: str = DEFAULT_ENCODER, max_length: int = 128, batch_size: int = 64) -> np.ndarray:
+def embed_texts(
+    texts: Sequence[str], encoder: str = DEFAULT_ENCODER, max_length: int = 128, batch_size: int = 64
+) -> np.ndarray:
     """L2-normalised mean-pooled sentence embeddings ``(len(texts), dim)`` from a local transformers encoder.
 
     Mean pooling over non-padding tokens then L2 normalisation is how all-MiniLM-L6-v2 is meant to be
@@ -38,7 +40,11 @@ def embed_texts(texts: Sequence[str], encoder: str = DEFAULT_ENCODER, max_length
     chunks = []
     for start in range(0, len(texts), batch_size):
         enc = tokenizer(
-            list(texts[start : start + batch_size]), padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+            list(texts[start : start + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
         )
         hidden = model(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)

@@ -61,7 +61,9 @@ class _ViTAdapterMethod(PeftMethod):
             for attr, kind in self.sites():
                 sub = getattr(block, attr, None)
                 if not isinstance(sub, nn.Module):
-                    raise ValueError(f"PEFT method {self.name!r}: block {i} ({type(block).__name__}) has no `{attr}` sub-layer")
+                    raise ValueError(
+                        f"PEFT method {self.name!r}: block {i} ({type(block).__name__}) has no `{attr}` sub-layer"
+                    )
                 adapter = Bottleneck(dim, hidden, self.scale, self.dropout)
                 block.add_module(f"adapter_{attr}", adapter)
                 sub.register_forward_hook(Bound(adapter, kind))
@@ -107,7 +109,9 @@ class AdaptFormer(_ViTAdapterMethod):
     name = "adaptformer"
     example_args = {"reduction": 8}
 
-    def __init__(self, reduction: int = 12, scale: float = 0.1, dropout: float = 0.0, head: HeadMode = "shared") -> None:
+    def __init__(
+        self, reduction: int = 12, scale: float = 0.1, dropout: float = 0.0, head: HeadMode = "shared"
+    ) -> None:
         super().__init__(reduction, dropout, head)
         self.scale = scale
 

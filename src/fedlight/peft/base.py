@@ -123,5 +123,7 @@ class PeftMethod(Plugin):
                 except KeyError:
                     raise KeyError(f"model has no trainable tensor {name!r}") from None
                 if target.shape != value.shape:
-                    raise ValueError(f"tensor {name!r}: shape {tuple(value.shape)} does not match {tuple(target.shape)}")
+                    raise ValueError(
+                        f"tensor {name!r}: shape {tuple(value.shape)} does not match {tuple(target.shape)}"
+                    )
                 target.copy_(value.to(target.dtype))

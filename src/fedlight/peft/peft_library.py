@@ -109,7 +109,9 @@ class PeftLibraryMethod(PeftMethod):
         try:
             wrapped = peft.get_peft_model(model, config)
         except (ValueError, TypeError, RuntimeError, NotImplementedError, AttributeError, KeyError) as err:
-            raise ValueError(f"peft could not apply {self.name!r} ({type(config).__name__}) to {type(model).__name__}: {err}") from err
+            raise ValueError(
+                f"peft could not apply {self.name!r} ({type(config).__name__}) to {type(model).__name__}: {err}"
+            ) from err
         if not self.train_head:  # peft's SEQ_CLS models add the classifier to modules_to_save themselves
             for pname, param in wrapped.named_parameters():
                 if in_module(pname, head_modules):
@@ -147,7 +149,13 @@ class AdaLoRA(PeftLibraryMethod):
         if not 1 <= target_r <= init_r:
             raise ValueError(f"adalora needs 1 <= target_r <= init_r, got target_r={target_r}, init_r={init_r}")
         _check_range("adalora dropout", dropout, 0.0, 1.0)
-        self.init_r, self.target_r, self.alpha, self.dropout, self.total_step = init_r, target_r, alpha, dropout, total_step
+        self.init_r, self.target_r, self.alpha, self.dropout, self.total_step = (
+            init_r,
+            target_r,
+            alpha,
+            dropout,
+            total_step,
+        )
 
     def config_kwargs(self, model, targets):
         return dict(
@@ -294,7 +302,11 @@ class IA3(PeftLibraryMethod):
         super().__init__(target, head)
 
     def config_kwargs(self, model, targets):
-        ff = [t for t in targets if any(t == s or t.endswith("." + s) for s in PRESETS["mlp"]) and not t.endswith("attention.output.dense")]
+        ff = [
+            t
+            for t in targets
+            if any(t == s or t.endswith("." + s) for s in PRESETS["mlp"]) and not t.endswith("attention.output.dense")
+        ]
         return dict(feedforward_modules=exact_regex(ff) if self.exact_targets() else ff)
 
 
@@ -352,7 +364,13 @@ class OFT(PeftLibraryMethod):
     ) -> None:
         super().__init__(target, head)
         _check_range("oft block_size", block_size, 1)
-        self.block_size, self.coft, self.eps, self.block_share, self.dropout = block_size, coft, eps, block_share, dropout
+        self.block_size, self.coft, self.eps, self.block_share, self.dropout = (
+            block_size,
+            coft,
+            eps,
+            block_share,
+            dropout,
+        )
 
     def config_kwargs(self, model, targets):
         return dict(

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from fedlight.hookspecs import hookimpl
-from fedlight.peft._vit import Bound as _Bound, vit_blocks
+from fedlight.peft._vit import Bound as _Bound
+from fedlight.peft._vit import vit_blocks
 from fedlight.peft.base import HeadMode, PeftMethod, unfreeze
 
 
@@ -59,7 +60,9 @@ class VPT(PeftMethod):
     families: ClassVar[frozenset[str]] = frozenset({"timm"})
     example_args = {"num_tokens": 2, "deep": True}
 
-    def __init__(self, num_tokens: int = 10, deep: bool = False, dropout: float = 0.0, head: HeadMode = "shared") -> None:
+    def __init__(
+        self, num_tokens: int = 10, deep: bool = False, dropout: float = 0.0, head: HeadMode = "shared"
+    ) -> None:
         super().__init__(head)
         if num_tokens < 1:
             raise ValueError(f"vpt num_tokens must be >= 1, got {num_tokens}")

@@ -65,7 +65,6 @@ class ComposedRecord:
         return dp_accounting.SelfComposedDpEvent(one, self.steps)
 
 
-
 def check_mechanism_args(
     who: str,
     *,
@@ -97,6 +96,7 @@ def check_mechanism_args(
     if target_epsilon is not None and not target_epsilon > 0:
         raise ValueError(f"{who} target_epsilon must be > 0 or null, got {target_epsilon}")
 
+
 def make_record(
     noise_multiplier: float,
     sampling_rate: float | None,
@@ -120,7 +120,9 @@ def make_record(
         if not 1 <= sample_size <= population:
             raise ValueError(f"sample_size must be in [1, population={population}], got {sample_size}")
         sampling_rate = sample_size / population
-        return ComposedRecord(float(noise_multiplier), "fixed", sampling_rate, int(steps), int(population), int(sample_size))
+        return ComposedRecord(
+            float(noise_multiplier), "fixed", sampling_rate, int(steps), int(population), int(sample_size)
+        )
     if sampling != "poisson":
         raise ValueError(f"sampling must be 'poisson' or 'fixed', got {sampling!r}")
     if sampling_rate is None or not 0 < sampling_rate <= 1:
@@ -239,7 +241,9 @@ class Accountant:
         self.records = []
         self._cache.clear()
         for r in state["records"]:
-            self.compose(r["noise_multiplier"], r["sampling_rate"], r["steps"], r["sampling"], r["population"], r["sample_size"])
+            self.compose(
+                r["noise_multiplier"], r["sampling_rate"], r["steps"], r["sampling"], r["population"], r["sample_size"]
+            )
 
 
 def noise_for_epsilon(
@@ -278,8 +282,12 @@ def noise_for_epsilon(
     else:
         # PLD with a tiny sigma is extremely slow and memory hungry, so never probe it there: the RDP
         # answer is an upper bound on the PLD one (PLD is tighter), and half of it a safe lower end.
-        upper = noise_for_epsilon(target_epsilon, delta, sampling_rate, steps, sampling, population, sample_size, "rdp", tol)
+        upper = noise_for_epsilon(
+            target_epsilon, delta, sampling_rate, steps, sampling, population, sample_size, "rdp", tol
+        )
         bracket = dp_accounting.ExplicitBracketInterval(upper / 2, upper + tol)
     return float(
-        dp_accounting.calibrate_dp_mechanism(make_accountant, make_event, target_epsilon, delta, bracket_interval=bracket, tol=tol)
+        dp_accounting.calibrate_dp_mechanism(
+            make_accountant, make_event, target_epsilon, delta, bracket_interval=bracket, tol=tol
+        )
     )

@@ -111,7 +111,9 @@ class Privacy(Plugin):
     def server_transform(self, updates: list[DecodedUpdate], generator: torch.Generator) -> list[DecodedUpdate]:
         return updates
 
-    def post_aggregate(self, old_global: State, new_global: State, num_updates: int, generator: torch.Generator) -> State:
+    def post_aggregate(
+        self, old_global: State, new_global: State, num_updates: int, generator: torch.Generator
+    ) -> State:
         return new_global
 
     def epsilon(self) -> float | None:

@@ -63,8 +63,7 @@ def clip_state(state: dict[str, torch.Tensor], clip_norm: float) -> tuple[State,
 def gaussian_like(state: dict[str, torch.Tensor], std: float, generator: torch.Generator) -> State:
     """Independent N(0, std^2) noise for every element, drawn in fp32 from ``generator`` (CPU)."""
     return {
-        k: (torch.randn(v.shape, generator=generator, dtype=torch.float32) * std).to(v.device)
-        for k, v in state.items()
+        k: (torch.randn(v.shape, generator=generator, dtype=torch.float32) * std).to(v.device) for k, v in state.items()
     }
 
 
@@ -144,8 +143,13 @@ class DPFedAvg(Privacy):
         clipped_count_stddev: float | None = None,
     ) -> None:
         check_mechanism_args(
-            "dp_fedavg", noise_multiplier=noise_multiplier, delta=delta, bounds={"clip_norm": clip_norm},
-            target_epsilon=target_epsilon, sampling=sampling, accountant=accountant,
+            "dp_fedavg",
+            noise_multiplier=noise_multiplier,
+            delta=delta,
+            bounds={"clip_norm": clip_norm},
+            target_epsilon=target_epsilon,
+            sampling=sampling,
+            accountant=accountant,
         )
         if sampling == "fixed" and accountant == "pld":
             raise ValueError("dp_fedavg accountant 'pld' does not support sampling 'fixed'; use accountant: rdp")
@@ -186,7 +190,9 @@ class DPFedAvg(Privacy):
         if population < 1:
             raise ValueError(f"dp_fedavg population must be >= 1, got {population}")
         if not 1 <= clients_per_round <= population:
-            raise ValueError(f"dp_fedavg clients_per_round must be in [1, population={population}], got {clients_per_round}")
+            raise ValueError(
+                f"dp_fedavg clients_per_round must be in [1, population={population}], got {clients_per_round}"
+            )
         self.population, self.clients_per_round = int(population), int(clients_per_round)
         sigma_b = self._clipped_count_stddev
         self._set_count_noise(0.05 * clients_per_round if sigma_b is None else sigma_b)
@@ -284,7 +290,9 @@ class DPFedAvg(Privacy):
             )
         return None
 
-    def post_aggregate(self, old_global: State, new_global: State, num_updates: int, generator: torch.Generator) -> State:
+    def post_aggregate(
+        self, old_global: State, new_global: State, num_updates: int, generator: torch.Generator
+    ) -> State:
         if num_updates < 1 and self.sampling != "poisson":
             return new_global  # fixed: nothing arrived, nothing is released
         denominator = self.denominator(num_updates)

@@ -80,7 +80,9 @@ def per_sample_gradients(
     wrapper = _TaskLoss(model, task)
     params = {f"model.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
-    def loss_one(params: dict[str, torch.Tensor], example: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_one(
+        params: dict[str, torch.Tensor], example: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         one = {**rest, **{k: v.unsqueeze(0) for k, v in example.items()}}
         loss = functional_call(wrapper, params, (one,))
         return loss, loss.detach()
@@ -151,8 +153,12 @@ class DPSGD(Privacy):
         per_sample_grads: Literal["auto", "vmap", "loop"] = "auto",
     ) -> None:
         check_mechanism_args(
-            "dp_sgd", noise_multiplier=noise_multiplier, delta=delta, bounds={"max_grad_norm": max_grad_norm},
-            target_epsilon=target_epsilon, sampling=sampling,
+            "dp_sgd",
+            noise_multiplier=noise_multiplier,
+            delta=delta,
+            bounds={"max_grad_norm": max_grad_norm},
+            target_epsilon=target_epsilon,
+            sampling=sampling,
         )
         if sampling == "poisson":
             raise ValueError(

@@ -41,7 +41,10 @@ class LocalDP(Privacy):
         accountant: Literal["rdp", "pld"] = "rdp",
     ) -> None:
         check_mechanism_args(
-            "local_dp", noise_multiplier=noise_multiplier, delta=delta, bounds={"clip_norm": clip_norm},
+            "local_dp",
+            noise_multiplier=noise_multiplier,
+            delta=delta,
+            bounds={"clip_norm": clip_norm},
             accountant=accountant,
         )
         self.noise_multiplier = float(noise_multiplier)

@@ -78,7 +78,11 @@ class SecureAggregation:
 
 
 def _flatten(state: State) -> np.ndarray:
-    return np.concatenate([v.detach().reshape(-1).double().cpu().numpy() for v in state.values()]) if state else np.zeros(0)
+    return (
+        np.concatenate([v.detach().reshape(-1).double().cpu().numpy() for v in state.values()])
+        if state
+        else np.zeros(0)
+    )
 
 
 def _unflatten(vector: np.ndarray, template: State) -> State:
@@ -143,7 +147,9 @@ class SecureRound:
 
     # --- client side --------------------------------------------------------------------------------
 
-    def client_update(self, client_id: int, delta: State, num_examples: int, metrics: dict[str, float]) -> ClientUpdate | None:
+    def client_update(
+        self, client_id: int, delta: State, num_examples: int, metrics: dict[str, float]
+    ) -> ClientUpdate | None:
         """The masked payload of one client, or None when the client refuses to send (non-finite update)."""
         if self.failure is not None or client_id not in self._clients:
             return None
@@ -174,7 +180,9 @@ class SecureRound:
         examples = 0
         for update in updates:
             if update.num_bytes != 4 * self.dim:
-                report.rejected[update.client_id] = f"masked payload of {update.num_bytes} bytes, expected {4 * self.dim}"
+                report.rejected[update.client_id] = (
+                    f"masked payload of {update.num_bytes} bytes, expected {4 * self.dim}"
+                )
                 continue
             try:
                 self.server.receive_masked(update.client_id, np.frombuffer(update.payload, dtype="<u4").astype(RING))
@@ -184,7 +192,9 @@ class SecureRound:
             examples += update.num_examples
         survivors = self.server.survivors
         if len(survivors) < self.threshold:
-            reason = f"only {len(survivors)} masked updates arrived, fewer than the threshold {self.threshold}: not unmasked"
+            reason = (
+                f"only {len(survivors)} masked updates arrived, fewer than the threshold {self.threshold}: not unmasked"
+            )
             report.rejected.update({c: reason for c in survivors})
             return global_state, report
         self.late_downlink += 4 * len(survivors) * len(survivors)  # the survivor list, to each survivor

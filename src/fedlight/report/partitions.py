@@ -56,9 +56,7 @@ def skew_summary(histograms: np.ndarray) -> dict[str, float]:
     }
 
 
-def format_histograms(
-    histograms: np.ndarray, label_names: Sequence[str] | None = None, max_columns: int = 12
-) -> str:
+def format_histograms(histograms: np.ndarray, label_names: Sequence[str] | None = None, max_columns: int = 12) -> str:
     """A text table, one row per client (size, per-class counts, #classes, TV), then a skew summary.
 
     With more than ``max_columns`` classes the per-class columns are replaced by each client's top 3
@@ -154,7 +152,11 @@ def partition_histograms(datamodule) -> tuple[np.ndarray, list[str], str]:
         return label_histograms(dm.client_indices, ids, len(names)), [str(n) for n in names], "group"
     if dm.num_classes == 0:  # unlabelled data under a label partitioner: only the client sizes mean anything
         return label_histograms(dm.client_indices, np.zeros(len(train), dtype=np.int64), 1), ["all"], "unlabelled"
-    return label_histograms(dm.client_indices, dm.splits.train_labels(), dm.num_classes), list(dm.splits.label_names), "label"
+    return (
+        label_histograms(dm.client_indices, dm.splits.train_labels(), dm.num_classes),
+        list(dm.splits.label_names),
+        "label",
+    )
 
 
 def show_partitions(argv: list[str]) -> int:
@@ -174,6 +176,8 @@ def show_partitions(argv: list[str]) -> int:
     print(f"partition key: {title} ({dm.partitioner.name})")
     print(format_histograms(histograms, names).replace("label skew", f"{title} skew"))
     if args.plot:
-        path = plot_histograms(histograms, args.plot, names, title=f"{title} histogram per client ({dm.partitioner.name})")
+        path = plot_histograms(
+            histograms, args.plot, names, title=f"{title} histogram per client ({dm.partitioner.name})"
+        )
         print(f"wrote {path}")
     return 0

@@ -109,7 +109,8 @@ def draw_metric_vs_mb(ax: Axes, runs: Sequence[Run], metric: str) -> bool:
         pts = [
             (mb, value)
             for row in run.rows
-            if (mb := row.get("cumulative_mb")) is not None and (value := row.get(metric)) is not None
+            if (mb := row.get("cumulative_mb")) is not None
+            and (value := row.get(metric)) is not None
             and (not log or mb > 0)
         ]
         if pts:

@@ -256,10 +256,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Plots and a summary table from fedlight run directories (each holds a rounds.csv).",
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="log directories, or folders to search for them")
-    parser.add_argument("--out", type=Path, default=None, help="where plots go (default: RUN_DIR/report for one run, else ./report)")
-    parser.add_argument("--metric", default=None, help="validation metric to plot and tabulate (default: val_acc if logged)")
-    parser.add_argument("--format", dest="formats", action="append", choices=["png", "svg", "pdf"], help="repeatable; default png and svg")
-    parser.add_argument("--full-model-bytes", type=int, default=None, help="bytes per round of full fine-tuning, when runs have no manifest.json")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where plots go (default: RUN_DIR/report for one run, else ./report)"
+    )
+    parser.add_argument(
+        "--metric", default=None, help="validation metric to plot and tabulate (default: val_acc if logged)"
+    )
+    parser.add_argument(
+        "--format",
+        dest="formats",
+        action="append",
+        choices=["png", "svg", "pdf"],
+        help="repeatable; default png and svg",
+    )
+    parser.add_argument(
+        "--full-model-bytes",
+        type=int,
+        default=None,
+        help="bytes per round of full fine-tuning, when runs have no manifest.json",
+    )
     parser.add_argument("--no-plots", action="store_true", help="only print the table")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:

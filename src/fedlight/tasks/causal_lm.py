@@ -219,7 +219,9 @@ class CausalLM(Task):
             raise ValueError(f"generate_batch_size must be >= 1, got {generate_batch_size}")
         self.quantization = parse_quantization(quantization)
         if self.quantization is not None and gguf_file is not None:
-            raise ValueError("quantization and gguf_file exclude each other: transformers dequantises GGUF to float; drop one")
+            raise ValueError(
+                "quantization and gguf_file exclude each other: transformers dequantises GGUF to float; drop one"
+            )
         path = _package_dir(model_name_or_path) or resolve_model_source(model_name_or_path)
         if gguf_file is None and path.is_file() and path.suffix == ".gguf":
             path, gguf_file = path.parent, path.name
@@ -260,9 +262,7 @@ class CausalLM(Task):
 
             tok = AutoTokenizer.from_pretrained(self.path, **self._load_kwargs())
             if tok.eos_token_id is None:
-                raise ValueError(
-                    f"the tokenizer in {self.path} has no eos_token; responses need one to end generation"
-                )
+                raise ValueError(f"the tokenizer in {self.path} has no eos_token; responses need one to end generation")
             if tok.pad_token_id is None:
                 tok.pad_token = tok.eos_token  # padding is masked out of attention and loss anyway
             self._tokenizer = tok
@@ -276,7 +276,9 @@ class CausalLM(Task):
         """Token ids of the rendered prompt (never empty: BOS/EOS stands in for an empty prompt)."""
         tok = self.tokenizer
         if self.uses_chat_template:
-            text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
             ids = tok(text, add_special_tokens=False)["input_ids"]
         else:
             ids = tok(self.prompt_template.format(prompt=prompt))["input_ids"]
@@ -300,12 +302,18 @@ class CausalLM(Task):
         different question, "is this where the answer ends?").
         """
         p = self.prompt_ids(prompt)
-        r = self.response_ids(response) if add_eos else list(self.tokenizer(response, add_special_tokens=False)["input_ids"])
+        r = (
+            self.response_ids(response)
+            if add_eos
+            else list(self.tokenizer(response, add_special_tokens=False)["input_ids"])
+        )
         if not r:
             raise ValueError(f"continuation {response!r} has no tokens")
         if len(p) + len(r) > self.max_length:
             r = r[: max(1, self.max_length - len(p))]  # response tail goes first ...
-            p = p[len(p) + len(r) - self.max_length :] if len(p) + len(r) > self.max_length else p  # ... then prompt head
+            p = (
+                p[len(p) + len(r) - self.max_length :] if len(p) + len(r) > self.max_length else p
+            )  # ... then prompt head
         return p + r, [IGNORE_INDEX] * len(p) + r
 
     # --- Task interface ----------------------------------------------------------------------------
@@ -384,7 +392,10 @@ class CausalLM(Task):
         for start in range(0, len(prompts), self.generate_batch_size):
             rows = [
                 self.encode_pair(p, c, add_eos)
-                for p, c in zip(prompts[start : start + self.generate_batch_size], continuations[start : start + self.generate_batch_size])
+                for p, c in zip(
+                    prompts[start : start + self.generate_batch_size],
+                    continuations[start : start + self.generate_batch_size],
+                )
             ]
             batch = {k: v.to(device) for k, v in self.pad(rows).items()}
             logp, counts = sequence_logprobs(model, batch)

@@ -172,7 +172,10 @@ class DPO(CausalLM):
         fill = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
         out = {}
         for key, value in fill.items():
-            parts = [F.pad(batch[f"{side}_{key}"], (0, width - batch[f"{side}_{key}"].shape[1]), value=value) for side in ("chosen", "rejected")]
+            parts = [
+                F.pad(batch[f"{side}_{key}"], (0, width - batch[f"{side}_{key}"].shape[1]), value=value)
+                for side in ("chosen", "rejected")
+            ]
             out[key] = torch.cat(parts)
         return out
 
@@ -191,7 +194,9 @@ class DPO(CausalLM):
 
     def generate_eval(self, model: nn.Module, examples: list[Example]) -> GenerationEval:
         """Greedy generations with ``chosen`` as the reference answer (exact match, ROUGE-L)."""
-        return super().generate_eval(model, [{"prompt": e["prompt"], "response": e.get("response", e["chosen"])} for e in examples])
+        return super().generate_eval(
+            model, [{"prompt": e["prompt"], "response": e.get("response", e["chosen"])} for e in examples]
+        )
 
 
 @hookimpl

@@ -46,7 +46,11 @@ class ImageClassification(Task):
 
     name = "image_classification"
     family = "timm"
-    example_args: ClassVar[dict[str, Any]] = {"model": "vit_tiny_patch16_224", "image_size": 16, "model_kwargs": {"patch_size": 8, "depth": 2}}
+    example_args: ClassVar[dict[str, Any]] = {
+        "model": "vit_tiny_patch16_224",
+        "image_size": 16,
+        "model_kwargs": {"patch_size": 8, "depth": 2},
+    }
 
     def __init__(
         self,
@@ -91,7 +95,9 @@ class ImageClassification(Task):
             self.model_kwargs["img_size"] = image_size
             patch = self.model_kwargs.get("patch_size") or _patch_size(model)
             if patch and image_size % patch:
-                raise ValueError(f"model.task.image_size ({image_size}) must be a multiple of {model}'s patch size {patch}")
+                raise ValueError(
+                    f"model.task.image_size ({image_size}) must be a multiple of {model}'s patch size {patch}"
+                )
         self.normalize = bool(weights or pretrained) if normalize is None else normalize
         data_cfg = cfg.to_dict() if cfg is not None else {}
         self.mean = tuple(data_cfg.get("mean") or (0.485, 0.456, 0.406))

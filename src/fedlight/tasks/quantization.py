@@ -57,7 +57,9 @@ class Quantization:
         return kwargs
 
 
-def parse_quantization(value: str | dict[str, Any] | None, field: str = "model.task.init_args.quantization") -> Quantization | None:
+def parse_quantization(
+    value: str | dict[str, Any] | None, field: str = "model.task.init_args.quantization"
+) -> Quantization | None:
     """Validate ``quantization`` now, before any data or model is loaded: method, backend installed, CUDA."""
     if value is None or value in ("none", ""):
         return None

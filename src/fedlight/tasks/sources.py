@@ -79,7 +79,9 @@ def weight_patterns(files: list[str]) -> list[str]:
         return ["*.bin", "*.bin.index.json"]
     if any(f.endswith(".gguf") for f in files):
         return ["*.gguf"]
-    raise FileNotFoundError(f"the hub repo has no PyTorch weights (safetensors, .bin or .gguf) among {sorted(files)[:10]}")
+    raise FileNotFoundError(
+        f"the hub repo has no PyTorch weights (safetensors, .bin or .gguf) among {sorted(files)[:10]}"
+    )
 
 
 def hub_snapshot(spec: str, field: str = "model_name_or_path", allow_patterns: list[str] | None = None) -> Path:

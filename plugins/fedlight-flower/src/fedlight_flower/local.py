@@ -100,7 +100,9 @@ class LocalDeployment:
     def register(self, argv: list[str], timeout: float = 60) -> None:
         """Run ``flwr supernode register ...`` against the SuperLink (log: ``register.log``); raise if it fails."""
         with (self.workdir / "register.log").open("a") as log:
-            done = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, timeout=timeout, check=False)
+            done = subprocess.run(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=self.env, timeout=timeout, check=False
+            )
         code = done.returncode
         if code != 0:
             raise RuntimeError(f"{' '.join(argv)} failed (exit {code}); see {self.workdir / 'register.log'}")
