@@ -7,7 +7,6 @@ local training ends and the next begins.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any, cast
@@ -19,17 +18,11 @@ from jsonargparse import lazy_instance
 from torch.utils.data import DataLoader, Sampler
 
 from fedlight.core.plan import RoundPlan
+from fedlight.core.seeds import batch_rng, resolve_seed
 from fedlight.data.base import Dataset, DatasetSplits, Example
 from fedlight.errors import ConfigError
 from fedlight.partitioners.base import Partitioner
 from fedlight.partitioners.iid import IID
-
-
-def resolve_seed(seed: int | None) -> int:
-    """An explicit seed, else the one ``seed_everything`` set, else 0."""
-    if seed is not None:
-        return int(seed)
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 class ClientTaggedDataset(torch.utils.data.Dataset):
@@ -71,7 +64,7 @@ class RoundBatchSampler(Sampler[list[tuple[int, int]]]):
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for client, steps in zip(self.plan.training, self.plan.steps):
             indices = self.client_indices[client]
-            rng = np.random.default_rng([self.seed, self.plan.round, client])
+            rng = batch_rng(self.seed, self.plan.round, client)
             size = min(self.batch_size, len(indices))
             if self.plan.batches == "subsample":  # each step independent (what DP-SGD's accountant assumes)
                 for _ in range(steps):

@@ -17,6 +17,7 @@ from typing import Any, cast
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+from fedlight.core.seeds import Purpose, run_rng
 from fedlight.core.state import State
 
 
@@ -30,7 +31,7 @@ def label_matched_split(
     for k, ix in enumerate(client_indices):
         if len(ix):
             counts[k] = np.bincount(train_labels[np.asarray(ix, dtype=np.int64)], minlength=classes)
-    rng = np.random.default_rng([seed, 0x9E7A1])
+    rng = run_rng(seed, Purpose.PERSONAL_SPLIT)
     shares: list[list[int]] = [[] for _ in range(num_clients)]
     for c in range(classes):
         pool = rng.permutation(np.flatnonzero(val_labels == c))
