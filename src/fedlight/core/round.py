@@ -28,10 +28,10 @@ from fedlight.core.federation import FederationOptions
 from fedlight.core.heterogeneity import ComputeTiers
 from fedlight.core.manifest import build_manifest, format_manifest, write_manifest
 from fedlight.core.module import FederatedModule
-from fedlight.core.round_callbacks import AdapterExport, RoundCheckpoint, check_trainer, log_row
+from fedlight.core.round_callbacks import AdapterExport, RoundCheckpoint, check_trainer, log_row, remove_stale_run_files
 from fedlight.core.runlog import RunLog
 from fedlight.core.server import DEFAULT_MAX_NORM_OVER_MEDIAN
-from fedlight.core.storage import check_writable, ensure_dir, release_loggers, remove_stale_tmp
+from fedlight.core.storage import check_writable, ensure_dir, release_loggers
 from fedlight.errors import ConfigError
 from fedlight.features.base import RoundFeature
 from fedlight.privacy.base import Privacy
@@ -126,16 +126,12 @@ class FederatedRound(pl.Callback):
     plan = property(lambda self: self.engine.round.plan if self.engine.round else None)
     client_method = property(lambda self: self.options.client_method)
     malicious = property(lambda self: getattr(self.engine.feature("malicious_clients"), "malicious", frozenset()))
+    plan_for = property(lambda self: self.engine.plan_for)  # round -> RoundPlan (same seed -> same clients)
+    skips_round = property(lambda self: self.engine.skips_round)
     base_total = property(lambda self: self.engine.frozen_changes())  # what an export must fold in
-
-    def plan_for(self, round_idx: int):
-        return self.engine.plan_for(round_idx)
 
     def summary(self) -> str:
         return RunLog.summary(self.engine)
-
-    def skips_round(self, accepted: int) -> bool:
-        return self.engine.skips_round(accepted)
 
     # --- run set-up -----------------------------------------------------------------------------
 
@@ -175,11 +171,7 @@ class FederatedRound(pl.Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
         if trainer.is_global_zero:  # temporaries of writes a killed run left (*.ckpt.tmp, rounds.csv.tmp, exports)
-            log_dir = self.log_dir(trainer)
-            for directory in (log_dir, log_dir / "checkpoints", log_dir / "adapters"):
-                remove_stale_tmp(directory)
-            if trainer.ckpt_path:  # the directory the run resumes from
-                remove_stale_tmp(Path(trainer.ckpt_path).parent, "*.ckpt.tmp")
+            remove_stale_run_files(self.log_dir(trainer), trainer.ckpt_path)
         try:
             self.engine.attach(pl_module)
         except ValueError as err:

@@ -5,13 +5,23 @@ the history they save), the trainer checks, and round metrics for Lightning's lo
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 
 from fedlight.core.checkpoint import atomic_copy
 from fedlight.core.export import export_adapter
+from fedlight.core.storage import remove_stale_tmp
 from fedlight.errors import ConfigError
+
+
+def remove_stale_run_files(log_dir: Path, ckpt_path: str | None) -> None:
+    """Temporaries of writes a killed run left in the log directory, and beside the checkpoint it resumes from."""
+    for directory in (log_dir, log_dir / "checkpoints", log_dir / "adapters"):
+        remove_stale_tmp(directory)
+    if ckpt_path:
+        remove_stale_tmp(Path(ckpt_path).parent, "*.ckpt.tmp")
 
 
 def _due(every: int, round_idx: int, rounds: int) -> bool:
