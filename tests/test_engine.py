@@ -28,6 +28,16 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 
 def test_checkpoint_written_before_the_engine_redesign_resumes_bit_identically(tmp_path):
+    # the fixture was written with one intra-op thread; round 1 is reproduced bit for bit only with the same
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _resume_pre_engine_fixture(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _resume_pre_engine_fixture(tmp_path):
     full = round_callback(run_fit(vision_config(tmp_path / "full", **PRE_ENGINE), tmp_path / "full"))
     from fedlight.cli import run_cli
 

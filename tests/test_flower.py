@@ -486,9 +486,10 @@ def test_refused_options_fail_before_training_with_the_reason(tmp_path, override
         FedlightJob(write(cfg, tmp_path / "bad.yaml"))
 
 
-def _rows_match(rows: list[dict], history: list[dict], val_atol: float = 1e-6) -> None:
+def _rows_match(rows: list[dict], history: list[dict], val_atol: float = 1e-6, loss_rtol: float = 0.0) -> None:
     """Every rounds.csv value of `fedlight fit` (but wall time) in the Flower rows: counts, bytes, losses and
-    feature metrics exactly; validation metrics to ``val_atol`` (Lightning's loop vs module.evaluate)."""
+    feature metrics exactly; validation metrics to ``val_atol`` (Lightning's loop vs module.evaluate);
+    ``loss_rtol`` > 0 where the trained state itself only matches to a tolerance (a rebuilt merged base)."""
     assert [r["round"] for r in rows] == [r["round"] for r in history]
     for ours, theirs in zip(rows, history):
         for key, value in theirs.items():
@@ -497,6 +498,8 @@ def _rows_match(rows: list[dict], history: list[dict], val_atol: float = 1e-6) -
             assert key in ours, (ours["round"], key)
             if key.startswith("val_"):
                 assert ours[key] == pytest.approx(value, rel=val_atol, abs=val_atol), (ours["round"], key)
+            elif loss_rtol and key == "train_loss":
+                assert ours[key] == pytest.approx(value, rel=loss_rtol), (ours["round"], key, ours[key], value)
             else:
                 assert ours[key] == value, (ours["round"], key, ours[key], value)
 
@@ -549,7 +552,7 @@ def test_round_feature_on_flower_equals_fedlight_fit(tmp_path, capsys, flower_me
     assert list(got) == list(fit.global_state)
     worst = max(float((got[k].float() - v.float()).abs().max()) for k, v in fit.global_state.items())
     assert worst <= atol, (case, worst)
-    _rows_match(rows, fit.history, val_atol=1e-6 if atol == 0 else 1e-4)
+    _rows_match(rows, fit.history, val_atol=1e-6 if atol == 0 else 1e-4, loss_rtol=0.0 if atol == 0 else 1e-5)
     engine = job.engine
     if "scaffold" in case:  # the server control moved as in-process; client controls live in Flower's node state
         server_c, fit_c = engine.feature("client_method").state_dict()["control"], fit.engine.feature("client_method").state_dict()["control"]
