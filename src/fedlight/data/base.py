@@ -49,3 +49,13 @@ def split_train_val(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray,
     perm = np.random.default_rng(seed).permutation(n)
     n_val = max(1, int(round(n * val_fraction)))
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def digit_image_splits(images: Any, labels: Sequence[int], val_fraction: float, seed: int) -> DatasetSplits:
+    """Image/label examples of a 10-class digit dataset, split seeded into train and validation."""
+    train_idx, val_idx = split_train_val(len(labels), val_fraction, seed)
+
+    def pick(idx: np.ndarray) -> list[Example]:
+        return [{"image": images[i], "label": int(labels[i])} for i in idx]
+
+    return DatasetSplits(train=pick(train_idx), val=pick(val_idx), label_names=[str(d) for d in range(10)])

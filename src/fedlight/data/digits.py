@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fedlight.data.base import Dataset, DatasetSplits, split_train_val
+from fedlight.data.base import Dataset, DatasetSplits, digit_image_splits
 from fedlight.hookspecs import hookimpl
 
 
@@ -24,12 +24,7 @@ class SklearnDigits(Dataset):
         bunch = load_digits()
         images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
         labels = [int(y) for y in bunch.target]
-        train_idx, val_idx = split_train_val(len(labels), self.val_fraction, self.seed)
-
-        def pick(idx):
-            return [{"image": images[i], "label": labels[i]} for i in idx]
-
-        return DatasetSplits(train=pick(train_idx), val=pick(val_idx), label_names=[str(d) for d in range(10)])
+        return digit_image_splits(images, labels, self.val_fraction, self.seed)
 
 
 @hookimpl

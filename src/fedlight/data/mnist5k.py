@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from fedlight.data.base import Dataset, DatasetSplits, split_train_val
+from fedlight.data.base import Dataset, DatasetSplits, digit_image_splits
 from fedlight.hookspecs import hookimpl
 
 
@@ -31,12 +31,7 @@ class Mnist5k(Dataset):
         features, target = mnist_data()
         images = torch.from_numpy(np.asarray(features, dtype=np.float32).reshape(-1, 1, 28, 28) / 255.0)
         labels = [int(y) for y in target]
-        train_idx, val_idx = split_train_val(len(labels), self.val_fraction, self.seed)
-
-        def pick(idx):
-            return [{"image": images[i], "label": labels[i]} for i in idx]
-
-        return DatasetSplits(train=pick(train_idx), val=pick(val_idx), label_names=[str(d) for d in range(10)])
+        return digit_image_splits(images, labels, self.val_fraction, self.seed)
 
 
 @hookimpl
