@@ -6,6 +6,7 @@ all rounds, summed from each run's ``rounds.csv``), and the reduction vs full fi
 
     python benchmarks/codec_table.py --task digits                 # timm resnet10t on scikit-learn digits
     python benchmarks/codec_table.py --task quickstart --rounds 3  # configs/quickstart.yaml (MiniLM, slow)
+    python benchmarks/codec_table.py --task pretrained --full-lr 1e-4  # DINOv2 ViT-S/14 on Fashion-MNIST, cut down
 
 ``--keep DIR`` keeps the run directories (then ``fedlight report DIR/*`` plots accuracy vs MB);
 ``--tabulate DIR...`` prints the table again from them; rerunning with the same ``--keep`` skips the
@@ -59,20 +60,33 @@ EXTRA = [
 UPLINKS["zlib(int4)"] = ZLIB_INT4  # after SETTINGS: the issue's rows are the four uplinks above
 
 
-def base_config(task: str) -> dict:
-    """The shipped config of the task (data, partition, model, rounds, seed 0), unchanged."""
+#: --task pretrained: configs/vision/quickstart.yaml at these sizes (each overridable from the command line)
+PRETRAINED_SIZES = {"rounds": 6, "num_clients": 10, "clients_per_round": 4, "local_steps": 5, "train": 1000, "val": 300}
+
+
+def base_config(task: str, args: argparse.Namespace | None = None) -> dict:
+    """The shipped config of the task (data, partition, model, rounds, seed 0); ``pretrained`` cut to PRETRAINED_SIZES."""
+    if task == "pretrained":
+        from pretrained_vision import pretrained_config  # benchmarks/ is on sys.path when this runs as a script
+
+        sizes = {k: getattr(args, k, None) or v for k, v in PRETRAINED_SIZES.items()}
+        return pretrained_config(Path("."), **sizes)  # the logger is replaced in config()
     path = "configs/vision/digits_resnet.yaml" if task == "digits" else "configs/quickstart.yaml"
     return yaml.safe_load((ROOT / path).read_text())
 
 
 def lora_spec(task: str, r: int) -> dict:
+    if task == "pretrained":
+        from pretrained_vision import lora_spec as quickstart_lora
+
+        return quickstart_lora(r)
     if task == "digits":
         return {"class_path": "lora", "init_args": {"r": r, "alpha": 2 * r, "target": RESNET10T_CONVS, "head": "shared"}}
     return {"class_path": "lora", "init_args": {"r": r, "alpha": 2 * r, "target": "attention", "head": "shared"}}
 
 
 def config(args: argparse.Namespace, peft: str, uplink: dict, downlink: dict, rank: int | None, out: Path) -> dict:
-    cfg = copy.deepcopy(base_config(args.task))
+    cfg = copy.deepcopy(base_config(args.task, args))
     cfg["trainer"].update(
         {
             "enable_progress_bar": False,
@@ -132,11 +146,13 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=["digits", "quickstart"], default="digits")
+    parser.add_argument("--task", choices=["digits", "quickstart", "pretrained"], default="digits")
     parser.add_argument("--rounds", type=int, default=None, help="default: the config's")
     parser.add_argument("--clients-per-round", type=int, default=None)
     parser.add_argument("--num-clients", type=int, default=None)
     parser.add_argument("--local-steps", type=int, default=None)
+    parser.add_argument("--train", type=int, default=None, help="--task pretrained: training images (default 1000)")
+    parser.add_argument("--val", type=int, default=None, help="--task pretrained: validation images (default 300)")
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--lora-lr", type=float, default=0.003)
     parser.add_argument("--full-lr", type=float, default=0.003)

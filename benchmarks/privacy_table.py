@@ -7,6 +7,7 @@ accounted as Poisson sampling (add/remove adjacency, the usual DP-SGD approximat
 
     python benchmarks/privacy_table.py --task vision [--rounds 8] [--sigmas 0 0.5 1 2]
     python benchmarks/privacy_table.py --task text --rounds 2 --sigmas 0 1 ...
+    python benchmarks/privacy_table.py --task pretrained --rounds 3 --sigmas 0 1 2 --full-lr 1e-4  # DINOv2 ViT-S/14
     python benchmarks/privacy_table.py --cost     # per-step cost of DP-SGD (vmap / loop) vs plain training
 
 σ = 0 means no DP (the non-private baseline, ε = ∞).
@@ -33,6 +34,15 @@ PEFT = {
 
 def config(task: str, method: str, sigma: float, rounds: int, clip: float, out: Path, lr: float = 0.003) -> dict:
     fed = {"rounds": rounds, "checkpoint_every": 0, "eval_before_training": False}
+    if task == "pretrained":  # configs/vision/quickstart.yaml (DINOv2 ViT-S/14, 28 px, Fashion-MNIST) cut down
+        from pretrained_vision import lora_spec, pretrained_config  # benchmarks/ is on sys.path when run as a script
+
+        cfg = pretrained_config(out, rounds=rounds, num_clients=10, clients_per_round=4, local_steps=5, train=1000,
+                                val=300, peft=lora_spec() if method == "lora" else "full", lr=lr)  # fmt: skip
+        cfg["federation"]["eval_before_training"] = False
+        if sigma > 0:
+            cfg["federation"]["privacy"] = {"class_path": "dp_sgd", "init_args": {"noise_multiplier": sigma, "max_grad_norm": clip}}
+        return cfg
     if task == "vision":
         model = {"task": {"class_path": "image_classification", "init_args": VIT}, "lr": lr}
         data = {"dataset": {"class_path": "digits", "init_args": {"val_fraction": 0.2}}, "num_clients": 10, "batch_size": 32}
@@ -88,7 +98,8 @@ def table(args) -> None:
         for sigma in args.sigmas:
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "cfg.yaml"
-                path.write_text(yaml.safe_dump(config(args.task, method, sigma, args.rounds, args.clip, Path(tmp), args.lr)))
+                lr = args.full_lr if method == "full" and args.full_lr is not None else args.lr
+                path.write_text(yaml.safe_dump(config(args.task, method, sigma, args.rounds, args.clip, Path(tmp), lr)))
                 t0 = time.perf_counter()
                 cli = run_cli(["fit", "--config", str(path)])
                 fed = next(c for c in cli.trainer.callbacks if isinstance(c, FederatedRound))
@@ -99,7 +110,8 @@ def table(args) -> None:
                 rows.append((method, trainable, sigma, eps, eps_p, acc, time.perf_counter() - t0))
                 print(f"{method:>5} sigma={sigma:<4} eps={eps:.3g} eps_poisson={eps_p:.3g} val_acc={acc:.3f} "
                       f"({rows[-1][-1]:.0f} s)", flush=True)  # fmt: skip
-    print(f"\n{args.task}: final val_acc after {args.rounds} rounds, lr={args.lr}, DP-SGD C={args.clip}, δ=1e-5 "
+    full_lr = f", full lr={args.full_lr}" if args.full_lr is not None else ""
+    print(f"\n{args.task}: final val_acc after {args.rounds} rounds, lr={args.lr}{full_lr}, DP-SGD C={args.clip}, δ=1e-5 "
           f"({time.perf_counter() - start:.0f} s total)\n")  # fmt: skip
     print("| PEFT | trainable params | σ | ε (fixed-size batches, run's accounting) | ε (as Poisson) | val_acc | run time (s) |")
     print("|---|---|---|---|---|---|---|")
@@ -163,12 +175,14 @@ def cost(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=["vision", "text"], default="vision")
+    parser.add_argument("--task", choices=["vision", "text", "pretrained"], default="vision",
+                        help="vision: random-init ViT on digits; pretrained: DINOv2 ViT-S/14 on Fashion-MNIST")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--sigmas", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0])
     parser.add_argument("--methods", nargs="+", default=["lora", "full"])
     parser.add_argument("--clip", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=0.003, help="client AdamW learning rate")
+    parser.add_argument("--full-lr", type=float, default=None, help="client lr of full fine-tuning (default: --lr)")
     parser.add_argument("--cost", action="store_true", help="only measure the per-step cost")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared machine)")
