@@ -469,9 +469,7 @@ def test_map_clients_ignores_bad_identifications(flower_message_env):
 REFUSED = [
     ({"federation": {"secure_aggregation": {"class_path": "fedlight.privacy.secure_round.SecureAggregation"}, "aggregator": {"class_path": "fedavg", "init_args": {"weighting": "uniform"}}}}, "multi-message protocol"),
     ({"federation": {"privacy": {"class_path": "dp_sgd", "init_args": {"noise_multiplier": 0.8, "max_grad_norm": 1.0}}}}, "accountant counts each client's private steps"),
-    ({"federation": {"attack": "alie", "malicious_fraction": 0.34}}, "attackers collude"),
-    ({"federation": {"attack": {"class_path": "gaussian_noise", "init_args": {"std": 0.1}}, "malicious_fraction": 0.34}}, "attackers collude"),
-    ({"federation": {"personal_eval_every": 1}}, "reads clients' state"),
+    ({"model": {"peft": {"class_path": "lora", "init_args": {"r": 2}}}, "federation": {"personal_eval_every": 1, "aggregator": "fedex_lora"}}, "brings its base up to date only when it next trains"),
     ({"trainer": {"precision": "bf16-mixed"}}, "precision plugin"),
     ({"optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}, "lr_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1}}}, "stepped by Lightning's loop"),
 ]  # fmt: skip
@@ -534,6 +532,15 @@ FEATURES = {
         {"federation": {"attack": {"class_path": "scaling", "init_args": {"factor": 1e4}}, "malicious_fraction": 0.25, "max_norm_over_median": 50.0}},
         0,
     ),
+    # colluding attackers: the malicious clients send their trained tensors; the server's attack feature
+    # crafts the updates jointly and runs their client pipeline (int8 error feedback: residuals on the server)
+    "alie+median (colluding)": ({"federation": {"attack": "alie", "malicious_fraction": 0.5, "aggregator": "median"}}, 0),
+    "gaussian_noise+int8-error-feedback (colluding)": (
+        {"federation": {"attack": {"class_path": "gaussian_noise", "init_args": {"std": 0.1}}, "malicious_fraction": 0.5, "uplink_codec": {"class_path": "int8", "init_args": {"error_feedback": True}}}},
+        0,
+    ),
+    # the clients evaluate their own personalised model (local head from Context.state) on their share
+    "personal_eval (clients evaluate)": ({"federation": {"personal_eval_every": 1}}, 0),
     "update_norms feature": ({"federation": {"features": [{"class_path": "update_norms"}]}}, 0),
     "fedex_lora (base merging)": ({"model": {"peft": {"class_path": "lora", "init_args": {"r": 2}}}, "federation": {**LORA_FED, "aggregator": "fedex_lora"}}, 1e-6),
     "flora (base merging)": ({"model": {"peft": {"class_path": "lora", "init_args": {"r": 2}}}, "federation": {**LORA_FED, "aggregator": "flora"}}, 1e-6),
@@ -562,6 +569,18 @@ def test_round_feature_on_flower_equals_fedlight_fit(tmp_path, capsys, flower_me
             assert all(torch.equal(record.to_torch_state_dict()[k], v.float()) for k, v in state["control"].items())
     if "attack" in str(overrides) or "flip" in case or "scaling" in case:
         assert engine.feature("malicious_clients").malicious == fit.malicious and fit.malicious
+    if "colluding" in case:  # some round has >= 2 attackers whose updates arrive: they really craft jointly
+        plans = [fit.engine.plan_for(r) for r in range(1, fit.engine.schedule.rounds + 1)]
+        assert max(len((set(p.training) - set(p.lost)) & fit.malicious) for p in plans) >= 2
+        for c in fit.malicious & set(fit.client_store):  # their pipeline state (residuals) is the server's
+            theirs, ours = fit.client_store[c].get("residual", {}), engine.client_store[c].get("residual", {})
+            assert theirs.keys() == ours.keys() and all(torch.equal(ours[k], v) for k, v in theirs.items())
+            assert theirs or "error-feedback" not in case
+    if "personal_eval" in case:  # every round's personal statistics, exactly (accuracies are count ratios)
+        keys = [k for k in fit.history[-1] if "personal" in k]
+        assert len(keys) == 4 and all(r[k] == h[k] for r, h in zip(rows, fit.history) for k in keys if k in h)
+        assert sorted(engine.client_store) == sorted(fit.client_store)  # the clients asked: those with state
+        assert "evaluate" in grid.sent
     if "scaling" in case:
         assert sum(r.get("rejected", 0) for r in rows) > 0  # the median guard fired on Flower as in-process
     if "base merging" in case:

@@ -21,8 +21,10 @@ Message protocol (one ``RecordDict`` per message):
   extras, one uint8 Array per key), ``fedlight.metrics`` (MetricRecord: ``num-examples``,
   ``train_loss``, ``losses`` (every local step's loss), ``steps``, ``uplink-bytes`` and the update's own
   metrics as ``update.<name>``) and ``fedlight.info`` (``client-id``, ``backbone``: a digest of the
-  client's frozen tensors, ``late``: the update was sent by a feature at round end, ``failed``: why the
-  client sent nothing).
+  client's frozen tensors, ``held``: a feature held the update back, ``failed``: why the client sent
+  nothing). A held update (a malicious client's, crafted jointly by the colluding attackers) comes as
+  ``fedlight.held``, the client's trained shared tensors (fp32); the ServerApp's own copy of that feature
+  holds it (``hold_update``) and crafts and sends it at ``before_aggregate``, as ``fedlight fit`` does.
 
 Client state that fedlight keeps per client between rounds (``local`` tensors for personalisation,
 codec error-feedback ``residual``, SCAFFOLD's ``control``) lives in the node's ``Context.state`` as
@@ -170,7 +172,7 @@ def client_train(job: FedlightJob, content: RecordDict, context: Context) -> Rec
     plan = RoundPlan(
         round_idx, (client_id,), (client_id,), (steps,), lost=lost, batches=str(cfg.get("batches", "shuffle"))
     )
-    update, late, client_state = job.train(
+    update, held, client_state = job.train(
         plan, payload, broadcasts, _load_client_state(context), int(cfg["seed"]), int(cfg["data-seed"])
     )
     _save_client_state(context, client_state)
@@ -192,11 +194,41 @@ def client_train(job: FedlightJob, content: RecordDict, context: Context) -> Rec
             records[EXTRAS_RECORD] = payloads_to_record(update.extras)
         metrics["uplink-bytes"] = update.num_bytes
         metrics.update({f"{UPDATE_METRIC}{k}": float(v) for k, v in update.metrics.items()})
+    if held is not None:  # the server's feature sends it at round end (colluding attackers), as in-process
+        records[HELD_RECORD] = state_to_record(held)
     failed = round.failed.get(client_id, "")
-    info = {"client-id": client_id, "backbone": job.backbone_fingerprint(), "late": late, "failed": failed[-2000:]}
+    info = {
+        "client-id": client_id, "backbone": job.backbone_fingerprint(), "held": held is not None,
+        "stored": client_id in engine.client_store, "failed": failed[-2000:],
+    }  # fmt: skip
     records[METRICS_RECORD] = MetricRecord(metrics)
     records[INFO_RECORD] = ConfigRecord(info)
     return RecordDict(records)
+
+
+EVALUATION_RECORD = "fedlight.evaluation"  # evaluate reply: a feature's client_metrics (MetricRecord)
+
+
+def client_evaluate(job: FedlightJob, content: RecordDict, context: Context) -> RecordDict:
+    """A feature's per-client evaluation (``client_evaluation``, e.g. personalised accuracy): the new global
+    state from the message, this node's own local tensors from its ``Context.state``."""
+    from fedlight_flower.job import dtype_like
+
+    cfg = content.config_records["fedlight.config"]
+    client_id = int(cfg["client-id"])
+    if _partition(context) != client_id:
+        raise RuntimeError(f"message for fedlight client {client_id} reached the node holding another partition")
+    engine, module = job.engine, job.module
+    feature = engine.feature(str(cfg["feature"]))
+    if feature is None or not getattr(feature, "client_evaluation", False):
+        raise RuntimeError(f"no round feature {cfg['feature']!r} evaluates on the clients in this config")
+    module.peft.set_state(module.model, dtype_like(record_to_state(content.array_records["fedlight.global"]), module))
+    local = _load_client_state(context).get("local")
+    values = feature.client_metrics(engine, client_id, dtype_like(local, module) if local else None)
+    return RecordDict({
+        EVALUATION_RECORD: MetricRecord({k: float(v) for k, v in values.items()}),
+        INFO_RECORD: ConfigRecord({"client-id": client_id}),
+    })  # fmt: skip
 
 
 def build_client_app(config: str | None = None) -> ClientApp:
@@ -211,6 +243,11 @@ def build_client_app(config: str | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         job = get_job(_config_path(context, config))
         return Message(client_train(job, msg.content, context), reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        job = get_job(_config_path(context, config))
+        return Message(client_evaluate(job, msg.content, context), reply_to=msg)
 
     return app
 
@@ -268,6 +305,7 @@ def map_clients(grid: Grid, count: int, timeout: float) -> dict[int, int]:
 #: metric keys every ``train`` reply must carry (``steps``, ``uplink-bytes`` and others are informational)
 REQUIRED_METRICS = ("num-examples", "train_loss")
 UPDATE_RECORD, METRICS_RECORD, INFO_RECORD = "fedlight.update", "fedlight.metrics", "fedlight.info"
+HELD_RECORD = "fedlight.held"  # the trained shared tensors of a client whose update a feature held back
 EXTRAS_RECORD = "fedlight.extras"
 UPDATE_METRIC = "update."  # prefix of the update's own metrics (ClientUpdate.metrics) in fedlight.metrics
 NPY_STYPE = "numpy.ndarray"
@@ -294,7 +332,11 @@ class PlannedReply:
 class ScreenedReplies:
     """One round's replies after :func:`screen_replies`: updates for the engine's round and the rest."""
 
-    updates: list[ClientUpdate] = field(default_factory=list)  # in plan order, late updates last
+    updates: list[ClientUpdate] = field(default_factory=list)  # in plan order
+    #: (client id, trained tensors) of updates a feature held back (malicious clients), in plan order
+    held: list[tuple[int, State]] = field(default_factory=list)
+    #: clients whose client-state store holds an entry after this round (on their node)
+    stored: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)  # every local step's loss, in plan order
     rejected: dict[int | str, str] = field(default_factory=dict)  # client id / "node N" -> reason
     failed: dict[int, str] = field(default_factory=dict)  # client id -> reason (no reply, error reply, refused)
@@ -328,10 +370,25 @@ def _npy_array(array: Any, shape: tuple[int, ...] | None, dtype: np.dtype, what:
     return np.load(io.BytesIO(array.data), allow_pickle=False)
 
 
-def _update_payload(record: Any, job: FedlightJob, global_state: State, arrays: bool) -> bytes:
-    """The reply's update as uplink payload bytes; names, shapes and dtypes checked against the global state."""
+def _record_state(record: Any, job: FedlightJob, global_state: State, what: str) -> State:
+    """An ArrayRecord of fp32 tensors with exactly the shipped names and the global state's shapes."""
     import torch
 
+    if not isinstance(record, ArrayRecord):
+        raise ReplyRejected(f"{what} is {type(record).__name__}, not an ArrayRecord")
+    names = job.shared_names
+    extra, missing = sorted(set(record) - set(names)), [n for n in names if n not in record]
+    if missing or extra:
+        raise ReplyRejected(f"{what}: missing tensors {missing[:5]}, unexpected tensors {extra[:5]}")
+    fp32 = np.dtype(np.float32)
+    return {
+        name: torch.from_numpy(_npy_array(record[name], tuple(global_state[name].shape), fp32, f"{what}[{name}]"))
+        for name in names
+    }  # deltas are fp32 (state.subtract), on the wire and in aggregation
+
+
+def _update_payload(record: Any, job: FedlightJob, global_state: State, arrays: bool) -> bytes:
+    """The reply's update as uplink payload bytes; names, shapes and dtypes checked against the global state."""
     if not isinstance(record, ArrayRecord):
         raise ReplyRejected(f"{UPDATE_RECORD} is {type(record).__name__}, not an ArrayRecord")
     if not arrays:  # one uint8 Array: the uplink codec's payload, decoded and validated by ServerPipeline
@@ -339,18 +396,7 @@ def _update_payload(record: Any, job: FedlightJob, global_state: State, arrays: 
             raise ReplyRejected(f"{UPDATE_RECORD}: {len(record)} arrays, expected 1 (the codec payload)")
         (array,) = record.values()
         return _npy_array(array, None, np.dtype(np.uint8), UPDATE_RECORD).tobytes()
-    names = job.shared_names
-    extra, missing = sorted(set(record) - set(names)), [n for n in names if n not in record]
-    if missing or extra:
-        raise ReplyRejected(f"{UPDATE_RECORD}: missing tensors {missing[:5]}, unexpected tensors {extra[:5]}")
-    fp32 = np.dtype(np.float32)
-    state = {
-        name: torch.from_numpy(
-            _npy_array(record[name], tuple(global_state[name].shape), fp32, f"{UPDATE_RECORD}[{name}]")
-        )  # deltas are fp32 (state.subtract), on the wire and in aggregation
-        for name in names
-    }
-    return job.engine.client.uplink.encode(state)
+    return job.engine.client.uplink.encode(_record_state(record, job, global_state, UPDATE_RECORD))
 
 
 def _extras(content: RecordDict, keys: set[str]) -> dict[str, bytes]:
@@ -370,10 +416,10 @@ def _finite(value: Any, what: str) -> float:
     return float(value)
 
 
-def _check_metadata(reply: Message, planned: PlannedReply) -> None:
+def _check_metadata(reply: Message, planned: PlannedReply, message_type: str = "train") -> None:
     meta = reply.metadata
-    if meta.message_type != "train":
-        raise ReplyRejected(f"reply of type {meta.message_type!r} to a train message")
+    if meta.message_type != message_type:
+        raise ReplyRejected(f"reply of type {meta.message_type!r} to a {message_type} message")
     if meta.group_id != str(planned.round_idx):
         raise ReplyRejected(f"reply for round {meta.group_id!r} in round {planned.round_idx} (stale or forged)")
     if planned.message_id and meta.reply_to_message_id != planned.message_id:
@@ -386,7 +432,8 @@ def _check_metadata(reply: Message, planned: PlannedReply) -> None:
 class _Checked:
     losses: list[float]
     update: ClientUpdate | None = None
-    late: bool = False
+    held: State | None = None  # trained tensors of an update a feature held back (the server's feature sends it)
+    stored: bool = False  # the client has an entry in its client-state store (what fedlight fit's store would hold)
     failed: str = ""
 
 
@@ -428,13 +475,19 @@ def _check_content(
     if not isinstance(losses, list) or (planned.steps and len(losses) > planned.steps):
         raise ReplyRejected(f"losses: {str(losses)[:60]} is not a list of at most {planned.steps} step losses")
     checked = _Checked([_finite(x, "a step loss") for x in losses])
-    failed, late = info.get("failed", ""), info.get("late", False)
-    if type(failed) is not str or type(late) is not bool:
-        raise ReplyRejected(f"info: failed {failed!r} / late {late!r} are not a string / a bool")
+    failed, held, stored = info.get("failed", ""), info.get("held", False), info.get("stored", False)
+    if type(failed) is not str or type(held) is not bool or type(stored) is not bool:
+        raise ReplyRejected(f"info: failed {failed!r} / held {held!r} / stored {stored!r}: not a string / bools")
+    checked.stored = stored
     if planned.lost:  # its update never arrives (the plan's dropout after training): losses only
         return checked
     if failed:
         checked.failed = f"client reports: {failed}"
+        return checked
+    if held:  # a feature held the update back: the server's copy of that feature sends it at round end
+        if HELD_RECORD not in content.array_records or UPDATE_RECORD in content.array_records:
+            raise ReplyRejected(f"a held update comes as {HELD_RECORD!r} alone, not with {UPDATE_RECORD!r}")
+        checked.held = _record_state(content.array_records[HELD_RECORD], job, global_state, HELD_RECORD)
         return checked
     if UPDATE_RECORD not in content.array_records:
         raise ReplyRejected(f"no ArrayRecord {UPDATE_RECORD!r} in the reply")
@@ -445,7 +498,6 @@ def _check_content(
     }  # the update's own metrics (ClientUpdate.metrics), e.g. a feature's update_norm
     # the planned count, never the claim (they are equal here, but only the server's figure is used)
     checked.update = ClientUpdate(planned.client_id, planned.num_examples, payload, own, extras)
-    checked.late = late
     return checked
 
 
@@ -454,8 +506,8 @@ def screen_replies(
 ) -> ScreenedReplies:
     """Sort one round's ``train`` replies into trusted updates, rejections and failures; never raises for a reply.
 
-    Per planned client (in plan order, as the in-process loop appends updates, with the updates a
-    feature sent late after the others, as its ``before_aggregate`` does): no reply, an error reply or
+    Per planned client (in plan order, as the in-process loop appends updates; a client whose update a
+    feature held back sends its trained tensors instead, for the server's feature): no reply, an error reply or
     a client that reports it sent nothing is a *failure* (as a client whose training raised is
     in-process); a reply that is duplicated, stale, for another message or client, or malformed
     (missing records, tensors or metric keys, wrong types, shapes or dtypes, a count other than the
@@ -471,7 +523,6 @@ def screen_replies(
     for node, extra in by_node.items():
         if node not in expected:
             out.rejected[f"node {node}"] = f"{len(extra)} reply(ies) from a node that was not asked this round"
-    late: list[ClientUpdate] = []
     for p in planned:
         got = by_node.get(p.node_id, [])
         if not got:
@@ -494,12 +545,75 @@ def screen_replies(
             out.rejected[p.client_id] = f"malformed reply ({type(err).__name__}: {err})"
             continue
         out.losses.extend(checked.losses)
+        if checked.stored:
+            out.stored.append(p.client_id)
         if checked.failed:
             out.failed[p.client_id] = checked.failed
         elif checked.update is not None:
-            (late if checked.late else out.updates).append(checked.update)
-    out.updates.extend(late)
+            out.updates.append(checked.update)
+        elif checked.held is not None:
+            out.held.append((p.client_id, checked.held))
     return out
+
+
+def screen_evaluations(replies: list[Message], planned: list[PlannedReply]) -> tuple[dict[int, dict[str, float]], dict]:
+    """``evaluate`` replies -> (client id -> finite values, who -> why a reply is not used); never raises for a reply."""
+    values: dict[int, dict[str, float]] = {}
+    refused: dict[int | str, str] = {}
+    by_node: dict[Any, list[Message]] = {}
+    for reply in replies:
+        by_node.setdefault(getattr(getattr(reply, "metadata", None), "src_node_id", None), []).append(reply)
+    for node in set(by_node) - {p.node_id for p in planned}:
+        refused[f"node {node}"] = "evaluate reply from a node that was not asked"
+    for p in planned:
+        got = by_node.get(p.node_id, [])
+        try:
+            if len(got) != 1:
+                raise ReplyRejected(f"{len(got)} replies to one evaluate message")
+            reply = got[0]
+            _check_metadata(reply, p, "evaluate")
+            if reply.has_error():
+                raise ReplyRejected(f"error reply: {reply.error.reason}")
+            claimed = reply.content.config_records[INFO_RECORD].get("client-id")
+            if type(claimed) is not int or claimed != p.client_id:
+                raise ReplyRejected(f"reply claims client-id {claimed!r}; the server asked client {p.client_id}")
+            record = reply.content.metric_records[EVALUATION_RECORD]
+            values[p.client_id] = {str(k): _finite(v, f"{EVALUATION_RECORD}[{k}]") for k, v in record.items()}
+        except Exception as err:  # noqa: BLE001 (a bad answer leaves that client out, it never crashes the round)
+            refused[p.client_id] = (
+                str(err) if isinstance(err, ReplyRejected) else f"malformed ({type(err).__name__}: {err})"
+            )
+    return values, refused
+
+
+def ask_clients_to_evaluate(grid: Grid, job: FedlightJob, node_of: dict[int, int], timeout: float) -> None:
+    """After ``end_round``: every feature that evaluates on the clients (``client_evaluation``) asks the
+    clients it names (``clients_due``) with the new global state and gets their values (``report``)."""
+    engine = job.engine
+    for feature in engine.features:
+        if not getattr(feature, "client_evaluation", False):
+            continue
+        r = engine.round
+        clients = feature.clients_due(engine, r)
+        if not clients:
+            continue
+        content = {"fedlight.global": state_to_record(engine.global_state)}  # fp32: exact, whatever the codecs
+        messages = []
+        for c in clients:
+            config = ConfigRecord({"round": r.round, "client-id": c, "feature": feature.key})
+            record = RecordDict({**content, "fedlight.config": config})
+            messages.append(Message(record, dst_node_id=node_of[c], message_type="evaluate", group_id=str(r.round)))
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        planned = [
+            PlannedReply(c, node_of[c], r.round, job.population.client_sizes[c], str(m.metadata.message_id or ""))
+            for c, m in zip(clients, messages, strict=True)
+        ]
+        values, refused = screen_evaluations(replies, planned)
+        for who, reason in refused.items():
+            _log(
+                f"round {r.round}: {feature.name}: evaluation of {who if isinstance(who, str) else f'client {who}'} not used: {reason}"
+            )
+        feature.report(values)
 
 
 def _write_outputs(out: Path, global_state: State, history: list[dict[str, Any]]) -> None:
@@ -589,6 +703,11 @@ def run_server(grid: Grid, job: FedlightJob, out: Path | None, round_timeout: fl
         for client_id, reason in screened.failed.items():
             _log(f"round {round_idx}: client {client_id} failed: {reason}")
         r.updates.extend(screened.updates)
+        for client_id in screened.stored:  # which clients hold state: what the store's keys are in-process
+            engine.client_store.setdefault(client_id, {})
+        for client_id, trained in screened.held:  # the server's features send them at before_aggregate
+            if not job.hold(client_id, trained):
+                screened.rejected[client_id] = "sent a held update, but no round feature holds this client's update"
         r.rejected.update(screened.rejected)
         r.failed.update(screened.failed)
         r.losses.extend(screened.losses)
@@ -599,6 +718,7 @@ def run_server(grid: Grid, job: FedlightJob, out: Path | None, round_timeout: fl
             _log(f"round {round_idx}: rejected reply of {label}: {reason}")
         if r.skipped:
             _log(f"round {round_idx}: {r.skipped}; round skipped, global model unchanged")
+        ask_clients_to_evaluate(grid, job, node_of, round_timeout)
         row = engine.round_row(job.evaluate())
         _log(json.dumps(row))
         if out is not None:  # after every round: a killed run still leaves its last global state

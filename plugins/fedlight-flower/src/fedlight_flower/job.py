@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from fedlight.attacks.base import Attack
 from fedlight.core.checkpoint import AtomicCheckpointIO
 from fedlight.core.client import ClientState
 from fedlight.core.datamodule import ClientTaggedDataset, RoundBatchSampler, collate_with_client
@@ -67,21 +66,22 @@ def check_remote(federation: FederatedRound, trainer: Any) -> None:
             "the client, where the server's accountant never sees them; use a client-level mechanism "
             "(dp_fedavg, local_dp)",
         )
-    attack = o.attack
-    if attack is not None and attack.colludes and type(attack).poison_updates is not Attack.poison_updates:
-        raise _refuse(
-            f"federation.attack {attack.name!r}",
-            "its attackers collude (each crafted update depends on the other attackers' deltas or on one "
-            "random stream they draw in turn), and Flower clients cannot see each other's updates; use an "
-            "attack that declares `colludes = False` (sign_flip, scaling, label_flip)",
-        )
     engine: RoundEngine = federation.engine
     for feature in engine.features:
-        if feature.reads_client_store:
+        if not feature.reads_client_store:
+            continue
+        if not getattr(feature, "client_evaluation", False):
             raise _refuse(
                 f"round feature {feature.name!r}",
                 "it reads clients' state (e.g. their local tensors) on the server, and on Flower that state "
-                "never leaves the clients",
+                "never leaves the clients; a feature that declares `client_evaluation` (and its clients_due / "
+                "client_metrics / report) is asked of the clients instead",
+            )
+        if engine.server.aggregator.merges_into_base:
+            raise _refuse(
+                f"round feature {feature.name!r} with federation.aggregator {engine.server.aggregator.name!r}",
+                "the clients evaluate after the server merged this round into the frozen base, and a remote "
+                "client brings its base up to date only when it next trains",
             )
     if trainer.precision not in FP32_PRECISIONS:
         raise _refuse(
@@ -225,14 +225,15 @@ class FedlightJob:
         client_state: ClientState,
         seed: int,
         data_seed: int,
-    ) -> tuple[ClientUpdate | None, bool, ClientState]:
-        """One client's round on a client-only engine: ``(update or None, sent late, its new client state)``.
+    ) -> tuple[ClientUpdate | None, State | None, ClientState]:
+        """One client's round on a client-only engine: ``(update or None, held, its new client state)``.
 
         ``plan`` names one client (lost or not, as the server planned it); ``payload``/``broadcasts``
         are the server's ``begin_round`` output. The server's seeds win over this process's config, so
-        batches, masks and noise are those of ``fedlight fit``. "Late": a feature held the update back
-        at the client's end and sent it at ``before_aggregate`` (a malicious client's crafted update);
-        the server aggregates late updates after the others, in the in-process order.
+        batches, masks and noise are those of ``fedlight fit``. ``held``: the trained shared tensors
+        when a feature held the update back (``hold_update``: a malicious client); the server's own
+        feature then crafts and sends it at ``before_aggregate``, as in-process (colluding attackers
+        need each other's deltas, which only the server holds), else None.
         """
         engine = self.engine
         (client_id,) = plan.training
@@ -250,13 +251,25 @@ class FedlightJob:
             clip_val=self.trainer.gradient_clip_val,
             clip_algorithm=self.trainer.gradient_clip_algorithm or "norm",
         )
-        late = False
-        if update is None and client_id not in round.failed and client_id not in plan.lost:
-            for feature in engine.features:  # a feature held the update: it sends it now, as at round end
-                feature.before_aggregate(engine, round)
-            update = next((u for u in round.updates if u.client_id == client_id), None)
-            late = update is not None
-        return update, late, engine.client_store.get(client_id, {})
+        held = None
+        if update is None and client_id not in round.failed and client_id not in plan.lost:  # a feature held it
+            held = self.module.peft.get_state(self.module.model, engine.shared_names)  # as finish_client left it
+        return update, held, engine.client_store.get(client_id, {})
+
+    def client_start(self, client_id: int) -> State:
+        """What ``client_id`` started from this round (the engine's ``start_client`` view of the broadcast)."""
+        r = self.engine.round
+        if r.received is None:
+            r.received = self.engine.client.receive(r.payload)
+        return self.engine.server.aggregator.client_view(dict(r.received), client_id)
+
+    def hold(self, client_id: int, trained: State) -> bool:
+        """Server side: a client's held update joins the round as ``finish_client`` holds it in-process (the
+        first feature whose ``hold_update`` takes it sends it at ``before_aggregate``); False: none takes it."""
+        from fedlight.core.engine import ClientRun
+
+        run = ClientRun(client_id, self.client_start(client_id))
+        return any(f.hold_update(self.engine, run, dtype_like(trained, self.module)) for f in self.engine.features)
 
     # --- server side ----------------------------------------------------------------------------
 
