@@ -468,7 +468,6 @@ def test_map_clients_ignores_bad_identifications(flower_message_env):
 #: loop, the clients' private state on the server or a multi-message protocol stays refused
 REFUSED = [
     ({"federation": {"secure_aggregation": {"class_path": "fedlight.privacy.secure_round.SecureAggregation"}, "aggregator": {"class_path": "fedavg", "init_args": {"weighting": "uniform"}}}}, "multi-message protocol"),
-    ({"federation": {"privacy": {"class_path": "dp_sgd", "init_args": {"noise_multiplier": 0.8, "max_grad_norm": 1.0}}}}, "accountant counts each client's private steps"),
     ({"model": {"peft": {"class_path": "lora", "init_args": {"r": 2}}}, "federation": {"personal_eval_every": 1, "aggregator": "fedex_lora"}}, "brings its base up to date only when it next trains"),
     ({"trainer": {"precision": "bf16-mixed"}}, "precision plugin"),
     ({"optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}, "lr_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1}}}, "stepped by Lightning's loop"),
@@ -541,6 +540,12 @@ FEATURES = {
     ),
     # the clients evaluate their own personalised model (local head from Context.state) on their share
     "personal_eval (clients evaluate)": ({"federation": {"personal_eval_every": 1}}, 0),
+    # DP-SGD: clients run private_step (server's seeds; σ picked from target_epsilon on both sides); the
+    # server's accountant is charged from its own plan
+    "dp_sgd target_epsilon + fedprox": (
+        {"federation": {"privacy": {"class_path": "dp_sgd", "init_args": {"noise_multiplier": None, "target_epsilon": 8.0}}, "client_method": {"class_path": "fedprox", "init_args": {"mu": 0.5}}}},
+        0,
+    ),
     "update_norms feature": ({"federation": {"features": [{"class_path": "update_norms"}]}}, 0),
     "fedex_lora (base merging)": ({"model": {"peft": {"class_path": "lora", "init_args": {"r": 2}}}, "federation": {**LORA_FED, "aggregator": "fedex_lora"}}, 1e-6),
     "flora (base merging)": ({"model": {"peft": {"class_path": "lora", "init_args": {"r": 2}}}, "federation": {**LORA_FED, "aggregator": "flora"}}, 1e-6),
@@ -581,6 +586,9 @@ def test_round_feature_on_flower_equals_fedlight_fit(tmp_path, capsys, flower_me
         assert len(keys) == 4 and all(r[k] == h[k] for r, h in zip(rows, fit.history) for k in keys if k in h)
         assert sorted(engine.client_store) == sorted(fit.client_store)  # the clients asked: those with state
         assert "evaluate" in grid.sent
+    if "dp_sgd" in case:  # the same ε per client and the same accountants, from the server's plan
+        assert engine.privacy.client_epsilons() == fit.engine.privacy.client_epsilons() and rows[-1]["epsilon"] > 0
+        assert engine.privacy.state_dict() == fit.engine.privacy.state_dict()
     if "scaling" in case:
         assert sum(r.get("rejected", 0) for r in rows) > 0  # the median guard fired on Flower as in-process
     if "base merging" in case:

@@ -235,8 +235,7 @@ class DPSGD(Privacy):
         loss = losses.mean()
         surrogate = loss.detach() + inner - inner.detach()
         client = self._client if self._client is not None else int(batch.get("client_id", torch.tensor([-1]))[0])
-        counts = self._round_steps.setdefault(client, {})
-        counts[size] = counts.get(size, 0) + 1
+        self.record_steps(client, size, 1)
         dummy = torch.zeros(size)
         return StepOutput(surrogate, dummy, dummy)
 
@@ -264,6 +263,13 @@ class DPSGD(Privacy):
         n = self.client_sizes[client] if 0 <= client < len(self.client_sizes) else size
         n = max(n, size)
         acc.compose(self._sigma() / 2, None, steps, "fixed", n, size)  # replace-one: sensitivity 2C
+
+    def record_steps(self, client: int, batch_size: int, steps: int) -> None:
+        """Charge ``client`` this round for ``steps`` private steps on batches of ``batch_size`` (composed at
+        round end). ``private_step`` calls it; an engine whose clients train elsewhere (Flower) calls it on
+        the server from its own plan (each client's planned steps of ``min(batch_size, n)`` examples)."""
+        counts = self._round_steps.setdefault(client, {})
+        counts[batch_size] = counts.get(batch_size, 0) + steps
 
     def on_round_end(self) -> None:
         for client, counts in self._round_steps.items():

@@ -643,6 +643,21 @@ def _log(message: str) -> None:
     print(f"[fedlight-flower] {message}", flush=True)
 
 
+def charge_private_steps(job: FedlightJob) -> None:
+    """Per-example privacy (DP-SGD): the server's accountant is charged from the server's own plan, before
+    ``end_round`` composes it: every client asked to train takes its planned steps on batches of
+    ``min(batch_size, n)`` examples (what ``RoundBatchSampler`` draws and ``private_step`` counts
+    in-process). No client report is trusted; a client that fails mid-round is charged in full."""
+    record = getattr(job.engine.privacy, "record_steps", None)
+    if record is None:
+        return
+    plan, pop = job.engine.round.plan, job.population
+    for client, steps in zip(plan.training, plan.steps, strict=True):
+        size = min(pop.batch_size, pop.client_sizes[client])
+        if steps > 0 and size > 0:
+            record(client, size, steps)
+
+
 def run_server(grid: Grid, job: FedlightJob, out: Path | None, round_timeout: float, nodes_timeout: float) -> State:
     """The federated loop on the engine: ``begin_round`` -> a ``train`` message per client -> screened
     replies into the round -> ``end_round`` -> validation -> ``round_row``; round checkpoints and
@@ -712,6 +727,7 @@ def run_server(grid: Grid, job: FedlightJob, out: Path | None, round_timeout: fl
         r.failed.update(screened.failed)
         r.losses.extend(screened.losses)
         r.clients_done = len(plan.training)
+        charge_private_steps(job)
         engine.end_round()
         for who, reason in r.report.rejected.items():
             label = who if isinstance(who, str) else f"client {who}"

@@ -59,12 +59,13 @@ def check_remote(federation: FederatedRound, trainer: Any) -> None:
             "unmasking of dropped clients); the bridge sends one message per client per round",
         )
     privacy = o.privacy
-    if privacy.per_sample or type(privacy).on_client_start is not Privacy.on_client_start:
+    in_training = privacy.per_sample or type(privacy).on_client_start is not Privacy.on_client_start
+    if in_training and not callable(getattr(privacy, "record_steps", None)):
         raise _refuse(
             f"federation.privacy {privacy.name!r}",
             "it acts inside local training and its accountant counts each client's private steps there, on "
-            "the client, where the server's accountant never sees them; use a client-level mechanism "
-            "(dp_fedavg, local_dp)",
+            "the client, where the server's accountant never sees them; a mechanism that offers "
+            "`record_steps(client, batch_size, steps)` (dp_sgd) is charged on the server from its plan",
         )
     engine: RoundEngine = federation.engine
     for feature in engine.features:
