@@ -187,6 +187,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on a shared machine)")
     args = parser.parse_args()
+    if args.cost and args.task == "pretrained":
+        parser.error("--cost measures the digits ViT (--task vision) or MiniLM (--task text); it has no pretrained-vision case")
     os.environ.setdefault("FEDLIGHT_DISABLE_PLUGIN_AUTOLOAD", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import warnings
