@@ -586,10 +586,14 @@ def screen_evaluations(replies: list[Message], planned: list[PlannedReply]) -> t
     return values, refused
 
 
-def ask_clients_to_evaluate(grid: Grid, job: FedlightJob, node_of: dict[int, int], timeout: float) -> None:
+def ask_clients_to_evaluate(grid: Grid, job: FedlightJob, node_of: dict[int, int], timeout: float) -> int:
     """After ``end_round``: every feature that evaluates on the clients (``client_evaluation``) asks the
-    clients it names (``clients_due``) with the new global state and gets their values (``report``)."""
-    engine = job.engine
+    clients it names (``clients_due``) with the new global state and gets their values (``report``).
+
+    Returns the bytes of global state those messages carried: traffic ``fedlight fit`` does not have (its
+    server holds the clients' local tensors), so it is reported in a column of its own, never in
+    ``downlink_bytes``."""
+    engine, sent = job.engine, 0
     for feature in engine.features:
         if not getattr(feature, "client_evaluation", False):
             continue
@@ -603,6 +607,7 @@ def ask_clients_to_evaluate(grid: Grid, job: FedlightJob, node_of: dict[int, int
             config = ConfigRecord({"round": r.round, "client-id": c, "feature": feature.key})
             record = RecordDict({**content, "fedlight.config": config})
             messages.append(Message(record, dst_node_id=node_of[c], message_type="evaluate", group_id=str(r.round)))
+        sent += len(messages) * sum(len(a.data) for a in content["fedlight.global"].values())  # .npy bytes
         replies = list(grid.send_and_receive(messages, timeout=timeout))
         planned = [
             PlannedReply(c, node_of[c], r.round, job.population.client_sizes[c], str(m.metadata.message_id or ""))
@@ -614,6 +619,7 @@ def ask_clients_to_evaluate(grid: Grid, job: FedlightJob, node_of: dict[int, int
                 f"round {r.round}: {feature.name}: evaluation of {who if isinstance(who, str) else f'client {who}'} not used: {reason}"
             )
         feature.report(values)
+    return sent
 
 
 def _write_outputs(out: Path, global_state: State, history: list[dict[str, Any]]) -> None:
@@ -734,8 +740,10 @@ def run_server(grid: Grid, job: FedlightJob, out: Path | None, round_timeout: fl
             _log(f"round {round_idx}: rejected reply of {label}: {reason}")
         if r.skipped:
             _log(f"round {round_idx}: {r.skipped}; round skipped, global model unchanged")
-        ask_clients_to_evaluate(grid, job, node_of, round_timeout)
+        evaluate_bytes = ask_clients_to_evaluate(grid, job, node_of, round_timeout)
         row = engine.round_row(job.evaluate())
+        if evaluate_bytes:
+            row["client_evaluate_downlink_bytes"] = evaluate_bytes
         _log(json.dumps(row))
         if out is not None:  # after every round: a killed run still leaves its last global state
             _write_outputs(out, engine.global_state, engine.history)

@@ -55,8 +55,11 @@ def check_remote(federation: FederatedRound, trainer: Any) -> None:
     if o.secure_aggregation is not None:
         raise _refuse(
             "federation.secure_aggregation",
-            "SecAgg needs its multi-message protocol between the nodes (key agreement, masked uploads, "
-            "unmasking of dropped clients); the bridge sends one message per client per round",
+            "SecAgg needs its multi-message protocol between the nodes (X25519 key advertisement, Shamir "
+            "share exchange, masked upload, share reveal to unmask dropped clients), with each client's "
+            "secrets kept in its node's Context.state between those messages; fedlight's SecAgg runs the "
+            "client side in one process (privacy/secure_round.py) and the bridge does not implement those "
+            "exchanges yet (not built, not a Lightning limit)",
         )
     privacy = o.privacy
     in_training = privacy.per_sample or type(privacy).on_client_start is not Privacy.on_client_start
