@@ -193,7 +193,7 @@ def main() -> None:
     last = len(next(iter(curves.values()))) - 1
     rounds = [r for r in range(last + 1) if r % args.every == 0 or r == last]
     print(
-        f"\nGlobal val_acc per round: {args.task}, {args.model} ({args.peft}), Dirichlet α={args.alpha}, {args.clients} clients, "
+        f"\nGlobal val_acc per round: {args.task}, {'DINOv2 ViT-S/14' if args.task == 'pretrained' else args.model} ({args.peft}), Dirichlet α={args.alpha}, {args.clients} clients, "
         f"{args.per_round} per round, {args.local_steps} local steps, client {args.optimizer} lr {args.lr}, seed {args.seed} "
         f"({time.perf_counter() - start:.0f} s)\n"
     )
