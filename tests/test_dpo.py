@@ -136,7 +136,12 @@ def test_files_dataset_reads_preference_jsonl_with_metadata(tmp_path):
     ex = splits.train[0]
     assert set(ex) == {"prompt", "chosen", "rejected", "category"}
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"}) + "\n" + json.dumps({"prompt": "q", "chosen": "c", "rejected": "r"}) + "\n")
+    bad.write_text(
+        json.dumps({"prompt": "p", "chosen": "c", "rejected": "r"})
+        + "\n"
+        + json.dumps({"prompt": "q", "chosen": "c", "rejected": "r"})
+        + "\n"
+    )
     with pytest.raises(ValueError, match="metadata column 'category'"):
         Files(str(bad), metadata=["category"]).load()
 
@@ -150,9 +155,14 @@ def test_federated_dpo_run_raises_reward_accuracy(tiny_gpt2_dir, tmp_path):
     rng = np.random.default_rng(0)
     data = tmp_path / "prefs.jsonl"
     with data.open("w") as f:  # learnable preference: the answer names the prompt's colour
-        for i in range(200):
+        for _ in range(200):
             c, d = rng.choice(COLOURS, size=2, replace=False)
-            f.write(json.dumps({"prompt": f"name a {c} thing.", "chosen": f"a {c} cat is {c}.", "rejected": f"a {d} cat is {d}."}) + "\n")
+            f.write(
+                json.dumps(
+                    {"prompt": f"name a {c} thing.", "chosen": f"a {c} cat is {c}.", "rejected": f"a {d} cat is {d}."}
+                )
+                + "\n"
+            )
     task = {"class_path": "dpo", "init_args": {"model_name_or_path": str(tiny_gpt2_dir), "beta": 0.5, "max_length": 32,
                                                "max_new_tokens": 4, "generate_max_examples": 4}}  # fmt: skip
     cfg = text_config(
@@ -171,3 +181,58 @@ def test_federated_dpo_run_raises_reward_accuracy(tiny_gpt2_dir, tmp_path):
     manifest = json.loads(next(tmp_path.rglob("manifest.json")).read_text())
     assert fed.global_state and all("lora_" in n for n in fed.global_state)  # only the adapter travels
     assert manifest and "lora_" in json.dumps(manifest)
+
+
+def test_reference_cache_equals_fresh_passes_and_follows_base_changes(tiny_gpt2_dir):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    words = "hello red cat blue good thanks why did the chicken cross road yes no".split()
+
+    def text(lo, hi):
+        return " ".join(rng.choice(words, int(rng.integers(lo, hi))))
+
+    pool = [{"prompt": text(1, 14), "chosen": text(1, 10), "rejected": text(1, 10)} for _ in range(10)]
+    task = DPO(str(tiny_gpt2_dir), max_length=20)  # short: some rows are truncated
+    fresh = DPO(str(tiny_gpt2_dir), max_length=20, cache_reference=False)
+    model = _trained_lora(task)
+    computed = []
+    uncounted = task.reference_logprobs
+    task.reference_logprobs = lambda m, b: computed.append(b["input_ids"].shape[0]) or uncounted(m, b)
+    distinct = set()
+    for _ in range(8):  # seeded batches with repeats, within and across batches
+        pick = [pool[i] for i in rng.choice(len(pool), size=int(rng.integers(1, 6)))]
+        batch = task.collate(pick)
+        joint = task.joint_batch(batch)
+        assert torch.allclose(
+            task.cached_reference_logprobs(model, joint), fresh.reference_logprobs(model, joint), atol=1e-5
+        )
+        assert torch.allclose(task.step(model, batch).loss, fresh.step(model, batch).loss, atol=1e-6)
+        distinct |= {str(task.encode_pair(e["prompt"], e[side])) for e in pick for side in ("chosen", "rejected")}
+    assert sum(computed) == len(distinct)  # each distinct (truncated) row went through the reference once
+    joint = task.joint_batch(task.collate(pool))
+    stale = task.cached_reference_logprobs(model, joint)
+    with torch.no_grad():  # what a merging aggregator does: fold an update into a frozen base weight
+        base = next(
+            p for n, p in model.named_parameters() if not p.requires_grad and n.endswith("c_attn.base_layer.weight")
+        )
+        base.add_(0.05 * torch.randn(base.shape, generator=torch.Generator().manual_seed(1)))
+    now = fresh.reference_logprobs(model, joint)
+    assert not torch.allclose(now, stale, atol=1e-3)
+    assert torch.allclose(task.cached_reference_logprobs(model, joint), now, atol=1e-5)  # recomputed, not stale
+
+
+def test_reference_cache_with_dp_sgd_per_example_gradients(tiny_gpt2_dir):
+    from fedlight.privacy.dp_sgd import per_sample_gradients
+
+    # transformers' causal-LM masks are not vmappable, so DP-SGD's `auto` takes the per-example loop here
+    task = DPO(str(tiny_gpt2_dir), max_length=32)
+    fresh = DPO(str(tiny_gpt2_dir), max_length=32, cache_reference=False)
+    model = _trained_lora(task)  # eval mode: no dropout draws, so both runs see the same policy
+    batch = task.collate(PAIRS)
+    for _ in range(2):  # the second pass reads every reference value from the cache
+        grads, losses = per_sample_gradients(model, task, batch, "loop")
+        want_grads, want_losses = per_sample_gradients(model, fresh, batch, "loop")
+        assert torch.allclose(losses, want_losses, atol=1e-6)
+        assert all(torch.allclose(grads[n], want_grads[n], atol=1e-6) for n in want_grads)
+    assert len(task._cache) == 2 * len(PAIRS)
