@@ -542,6 +542,73 @@ def test_held_and_evaluate_replies_are_screened(tmp_path, capsys, flower_message
     assert "a held update comes as" in log and "no round feature holds" in log and "expected float32" in log
 
 
+def _secagg_edit(change):
+    """A tamper that copies the reply's fedlight.secagg record and applies ``change(dict, rng)``."""
+
+    def tamper(msg, reply, rng):
+        values = dict(reply.content.config_records["fedlight.secagg"].items())
+        change(values, rng)
+        return [_tampered(msg, reply, fedlight_secagg=ConfigRecord(values))]
+
+    return tamper
+
+
+#: (step, tamper): a hostile answer to one SecAgg step, seeded; each leaves that client out of the step
+SECAGG_CASES = [
+    ("query.secagg_keys", _secagg_edit(lambda v, g: v.__setitem__("keys", [k[: g.randrange(32)] for k in v["keys"]]))),
+    ("query.secagg_keys", _secagg_edit(lambda v, g: v.__setitem__("keys", v["keys"][:1]))),
+    ("query.secagg_shares", _secagg_edit(lambda v, g: v.__setitem__("to", [t + 100 for t in v["to"]]))),
+    ("query.secagg_shares", _secagg_edit(lambda v, g: v.__setitem__("bundles", v["bundles"][:-1]))),
+]  # fmt: skip
+
+
+def test_secure_aggregation_steps_are_screened(tmp_path, capsys, flower_message_env):
+    """Hostile answers to the SecAgg steps never crash the round or reveal a wrong sum: a client whose key or
+    share answer is unusable is left out of U1 (it cannot mask: `failed`); a reveal with both shares of one
+    client, or too few reveals, unmasks nothing (every survivor rejected, the global model unchanged)."""
+    from fedlight_flower import apps
+    from fedlight_flower.job import FedlightJob
+
+    rng = random.Random(31)
+    setup_cases = rng.sample(SECAGG_CASES, k=2)
+    cfg = flower_config(
+        tmp_path,
+        data={"num_clients": 4},
+        federation={
+            "rounds": 4, "clients_per_round": 4, "local_steps": 1, "eval_before_training": False,
+            "secure_aggregation": {"class_path": "fedlight.privacy.secure_round.SecureAggregation"},
+            "aggregator": {"class_path": "fedavg", "init_args": {"weighting": "uniform"}},
+        },
+    )  # fmt: skip
+    config = write(cfg, tmp_path / "flower.yaml")
+
+    def both_shares(values, g):  # reveal s_u as well as b_u for a survivor: would unmask its input
+        values["s-ids"], values["s-shares"] = values["b-ids"][:1], values["b-shares"][:1]
+
+    class Grid(InMemoryGrid):
+        def deliver(self, msg, reply):
+            kind = msg.metadata.message_type
+            if not kind.startswith("query.secagg"):
+                return [reply]
+            record = msg.content.config_records["fedlight.secagg"]
+            round_idx, client = int(record["round"]), int(record["client-id"])
+            g = random.Random(hash((round_idx, client)))
+            if round_idx <= 2 and client == 0 and kind == setup_cases[round_idx - 1][0]:
+                return setup_cases[round_idx - 1][1](msg, reply, g)
+            if round_idx == 3 and client == 0 and kind == "query.secagg_unmask":  # one bad reveal of four: t = 2
+                return _secagg_edit(both_shares)(msg, reply, g)
+            if round_idx == 4 and client != 3 and kind == "query.secagg_unmask":  # one usable reveal < t
+                return [] if client == 1 else _secagg_edit(both_shares)(msg, reply, g)
+            return [reply]
+
+    state = apps.run_server(Grid(apps.build_client_app(str(config)), 4, {}), FedlightJob(config), tmp_path / "out", 60, 5)
+    rows = yaml.safe_load((tmp_path / "out" / "rounds.json").read_text())
+    log = capsys.readouterr().out
+    assert [(r["num_clients"], r["failed"], r["rejected"]) for r in rows] == [(3, 1, 0), (3, 1, 0), (4, 0, 0), (0, 0, 4)]
+    assert "not in this round's share-holding set U1" in log and "revealed both shares" in log and "not unmasked" in log
+    assert all(torch.isfinite(v).all() for v in state.values())
+
+
 def test_map_clients_ignores_bad_identifications(flower_message_env):
     """A node answering `query` with garbage is left out by name; the run stops before round 1 with a message."""
     from fedlight_flower import apps
@@ -561,10 +628,9 @@ def test_map_clients_ignores_bad_identifications(flower_message_env):
         apps.map_clients(Grid(), 3, timeout=1)
 
 
-#: (federation / model / trainer overrides, what the refusal must say): only what needs Lightning's step
-#: loop, the clients' private state on the server or a multi-message protocol stays refused
+#: (federation / model / trainer overrides, what the refusal must say): what needs Lightning's step loop,
+#: and personalised evaluation with a base-merging aggregator (a remote client's base lags at evaluation)
 REFUSED = [
-    ({"federation": {"secure_aggregation": {"class_path": "fedlight.privacy.secure_round.SecureAggregation"}, "aggregator": {"class_path": "fedavg", "init_args": {"weighting": "uniform"}}}}, "multi-message protocol"),
     ({"model": {"peft": {"class_path": "lora", "init_args": {"r": 2}}}, "federation": {"personal_eval_every": 1, "aggregator": "fedex_lora"}}, "brings its base up to date only when it next trains"),
     ({"trainer": {"precision": "bf16-mixed"}}, "precision plugin"),
     ({"optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}, "lr_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1}}}, "stepped by Lightning's loop"),
@@ -643,6 +709,12 @@ FEATURES = {
         {"federation": {"privacy": {"class_path": "dp_sgd", "init_args": {"noise_multiplier": 0.8, "max_grad_norm": 1.0}}, "client_method": {"class_path": "fedprox", "init_args": {"mu": 0.5}}}},
         0,
     ),
+    # secure aggregation over real messages (keys, shares, masked upload, unmasking of clients lost after
+    # training): each client's party lives in its Context.state; the server only ever unmasks the sum
+    "secure_aggregation+dropouts": (
+        {"federation": {"secure_aggregation": {"class_path": "fedlight.privacy.secure_round.SecureAggregation"}, "aggregator": {"class_path": "fedavg", "init_args": {"weighting": "uniform"}}, "faults": {"dropout_after": 0.3}}},
+        0,
+    ),
     "update_norms feature": ({"federation": {"features": [{"class_path": "update_norms"}]}}, 0),
     "fedex_lora (base merging)": ({"model": {"peft": {"class_path": "lora", "init_args": {"r": 2}}}, "federation": {**LORA_FED, "aggregator": "fedex_lora"}}, 1e-6),
     "flora (base merging)": ({"model": {"peft": {"class_path": "lora", "init_args": {"r": 2}}}, "federation": {**LORA_FED, "aggregator": "flora"}}, 1e-6),
@@ -678,6 +750,14 @@ def test_round_feature_on_flower_equals_fedlight_fit(tmp_path, capsys, flower_me
             theirs, ours = fit.client_store[c].get("residual", {}), engine.client_store[c].get("residual", {})
             assert theirs.keys() == ours.keys() and all(torch.equal(ours[k], v) for k, v in theirs.items())
             assert theirs or "error-feedback" not in case
+    if "secure" in case:  # the steps were messages, a lost client was unmasked, no party on the server
+        from fedlight_flower.secure import FlowerSecureRound
+
+        assert {"query.secagg_keys", "query.secagg_shares", "query.secagg_unmask"} <= set(grid.sent)
+        plans = [fit.engine.plan_for(r) for r in range(1, fit.engine.schedule.rounds + 1)]
+        assert any(p.lost for p in plans) and rows[-1]["uplink_bytes"] > 0
+        assert isinstance(engine.client.session.current(), FlowerSecureRound)
+        assert all("fedlight.secagg" in c.state.config_records for c in grid.contexts.values())
     if "personal_eval" in case:  # every round's personal statistics, exactly (accuracies are count ratios)
         keys = [k for k in fit.history[-1] if "personal" in k]
         assert len(keys) == 4 and all(r[k] == h[k] for r, h in zip(rows, fit.history) for k in keys if k in h)

@@ -150,6 +150,44 @@ class SecAggClient:
     def advertise(self) -> tuple[bytes, bytes]:
         return _pub_bytes(self._c.public_key()), _pub_bytes(self._s.public_key())
 
+    def to_state(self) -> dict[str, bytes | int | list[int] | list[bytes]]:
+        """This party's secrets and protocol state as flat bytes/ints/lists, for a client that runs each step
+        in a fresh process (a Flower SuperNode keeps it in its node state between the messages of a round)."""
+        state: dict[str, bytes | int | list[int] | list[bytes]] = {
+            "id": self.id, "threshold": self.threshold, "session": self.session,
+            "c": _priv_bytes(self._c), "s": _priv_bytes(self._s), "b": self._b,
+        }  # fmt: skip
+        if self._roster:
+            state["roster"] = sorted(self._roster)
+            state["roster-c"] = [self._roster[v][0] for v in sorted(self._roster)]
+            state["roster-s"] = [self._roster[v][1] for v in sorted(self._roster)]
+        if self._received:
+            state["received"] = sorted(self._received)
+            state["bundles"] = [self._received[v] for v in sorted(self._received)]
+        if self._masked_set:
+            state["masked-set"] = list(self._masked_set)
+        if hasattr(self, "_own_shares"):
+            state["own-shares"] = [share.to_bytes(66, "big") for share in self._own_shares]
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict) -> SecAggClient:
+        """The party :meth:`to_state` saved."""
+        client = cls(int(state["id"]), int(state["threshold"]), bytes(state["session"]))
+        client._c = X25519PrivateKey.from_private_bytes(bytes(state["c"]))
+        client._s = X25519PrivateKey.from_private_bytes(bytes(state["s"]))
+        client._b = bytes(state["b"])
+        ids = [int(v) for v in state.get("roster", [])]
+        keys = zip(ids, state.get("roster-c", []), state.get("roster-s", []), strict=True)
+        client._roster = {v: (bytes(c), bytes(s)) for v, c, s in keys}
+        got = [int(v) for v in state.get("received", [])]
+        client._received = dict(zip(got, (bytes(b) for b in state.get("bundles", [])), strict=True))
+        client._masked_set = [int(v) for v in state.get("masked-set", [])]
+        if "own-shares" in state:
+            b_share, s_share = (int.from_bytes(bytes(x), "big") for x in state["own-shares"])
+            client._own_shares = (b_share, s_share)
+        return client
+
     def _channel(self, peer: int) -> AESGCM:
         shared = self._c.exchange(X25519PublicKey.from_public_bytes(self._roster[peer][0]))
         lo, hi = sorted((self.id, peer))

@@ -25,6 +25,9 @@ class SecureSession:
     def __init__(self, config: SecureAggregation) -> None:
         self.config = config
         self.round: SecureRound | None = None
+        #: builds the round instead of :class:`SecureRound` (same arguments): a remote engine whose
+        #: clients keep their own secrets runs the key exchange as messages (fedlight-flower)
+        self.make_round: Any = SecureRound
 
     def current(self) -> SecureRound:
         """This round's protocol state (the client variant's ``begin_round`` sets it up)."""
@@ -41,7 +44,7 @@ class SecureClientPipeline(ClientPipeline):
 
     def begin_round(self, engine: Any, round: Any) -> None:
         session = f"{engine.seed}/{round.plan.round}".encode()
-        self.session.round = SecureRound(
+        self.session.round = self.session.make_round(
             self.session.config, engine.global_state, list(round.plan.training), session,
             self.privacy.secure_clip_norm(), engine.schedule.clients_per_round,
         )  # fmt: skip

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -110,7 +111,10 @@ class SecureRound:
         session: bytes,
         clip_norm: float | None,
         max_clients: int,
+        simulate: bool = True,
     ) -> None:
+        """``simulate``: run steps 0-1 here with every client's party in this process (``fedlight fit``);
+        False: a remote engine runs them as messages (:meth:`exchange_keys`) and each client keeps its secrets."""
         self.template = {k: v.detach() for k, v in template.items()}
         self.dim = sum(v.numel() for v in template.values())
         self.quantizer = config.quantizer(clip_norm, max_clients)
@@ -126,26 +130,41 @@ class SecureRound:
         self.downlink_overhead = 0  # key set-up, sent before training
         self.late_downlink = 0  # the survivor list, sent at unmasking
         self.failure: str | None = None
-        self._clients = {i: SecAggClient(i, self.threshold, session) for i in self.participants}
+        self._clients = {i: SecAggClient(i, self.threshold, session) for i in self.participants} if simulate else {}
         if len(self.participants) < self.threshold:
             self.failure = f"{len(self.participants)} clients joined, fewer than the threshold {self.threshold}"
             self._clients = {}
             return
-        for i, c in self._clients.items():  # step 0: advertise keys
-            self.server.receive_keys(i, c.advertise())
+        if simulate:
+            self.exchange_keys(
+                lambda: {i: c.advertise() for i, c in self._clients.items()},
+                lambda roster: {i: c.share_keys(roster) for i, c in self._clients.items()},
+            )
+            for i, c in self._clients.items():
+                c.receive_shares(self.server.bundles_for(i))
+
+    def exchange_keys(self, advertise: Any, share: Any) -> None:
+        """Steps 0-1 through the server: ``advertise()`` -> {client: public keys}, ``share(roster)`` ->
+        {client: {recipient: encrypted bundle}}; counts their bytes. The bundles for each client are then
+        ``server.bundles_for(client)`` (sent with its training request)."""
+        for i, keys in advertise().items():  # step 0: advertise keys
+            self.server.receive_keys(i, keys)
             self.uplink_overhead += 64
         roster = self.server.roster
-        for i, c in self._clients.items():  # step 1: share keys, routed through the server
+        for i, bundles in share(roster).items():  # step 1: share keys, routed through the server
             self.downlink_overhead += 64 * (len(roster) - 1)
-            bundles = c.share_keys(roster)
             self.uplink_overhead += sum(len(ct) for ct in bundles.values())
             self.server.receive_bundles(i, bundles)
-        for i, c in self._clients.items():
-            routed = self.server.bundles_for(i)
-            self.downlink_overhead += sum(len(ct) for ct in routed.values())
-            c.receive_shares(routed)
+        for i in sorted(self.server.u1):
+            self.downlink_overhead += sum(len(ct) for ct in self.server.bundles_for(i).values())
 
     # --- client side --------------------------------------------------------------------------------
+
+    def join(self, party: SecAggClient, u1: list[int]) -> None:
+        """A remote client's round (``simulate=False``): its own party (secrets, shares it received) and the
+        share-holding set U1 the server announced; :meth:`client_update` then masks with them."""
+        self._clients = {party.id: party}
+        self.server.u1 = sorted(u1)
 
     def client_update(
         self, client_id: int, delta: State, num_examples: int, metrics: dict[str, float]
@@ -198,10 +217,14 @@ class SecureRound:
             report.rejected.update({c: reason for c in survivors})
             return global_state, report
         self.late_downlink += 4 * len(survivors) * len(survivors)  # the survivor list, to each survivor
-        reveals = {v: self._clients[v].unmask(survivors) for v in survivors}  # client side answers
+        reveals = self.reveal(survivors)  # client side answers
         self.uplink_overhead += sum(SHARE_BYTES * (len(r["b"]) + len(r["s"])) for r in reveals.values())
         report.uplink_bytes += sum(SHARE_BYTES * (len(r["b"]) + len(r["s"])) for r in reveals.values())
         total = _unflatten(self.quantizer.decode_sum(self.server.finish(reveals)), self.template)
         report.accepted = list(survivors)
         new_global = server.aggregate_secure_sum(global_state, total, len(survivors), examples, generator)
         return new_global, report
+
+    def reveal(self, survivors: list[int]) -> dict[int, dict[str, dict[int, int]]]:
+        """Step 3: each survivor's shares to reveal (a remote engine asks its clients by message)."""
+        return {v: self._clients[v].unmask(survivors) for v in survivors}

@@ -104,7 +104,8 @@ def uses_arrays(job: FedlightJob) -> bool:
     """fp32 arrays on the wire when both codecs are ``passthrough`` (lossless, tensors as they are);
     otherwise the codecs' payload bytes."""
     pipeline = job.engine.client
-    return bool(pipeline.uplink.passthrough and pipeline.downlink.passthrough)
+    secure = job.federation.options.secure_aggregation is not None  # the update is a masked ring vector
+    return bool(pipeline.uplink.passthrough and pipeline.downlink.passthrough and not secure)
 
 
 def state_to_record(state: State) -> ArrayRecord:
@@ -172,9 +173,18 @@ def client_train(job: FedlightJob, content: RecordDict, context: Context) -> Rec
     plan = RoundPlan(
         round_idx, (client_id,), (client_id,), (steps,), lost=lost, batches=str(cfg.get("batches", "shuffle"))
     )
+    from fedlight_flower import secure
+
+    if secure.RECORD in content.config_records:  # this client's SecAgg party joins the round
+        refusal = secure.client_round(job, content, context, client_id, round_idx)
+        if refusal:  # it cannot mask this round: it says so instead of training
+            metrics = {"num-examples": job.population.client_sizes[client_id], "train_loss": 0.0, "losses": []}
+            info = {"client-id": client_id, "backbone": job.backbone_fingerprint(), "failed": refusal}
+            return RecordDict({METRICS_RECORD: MetricRecord(metrics), INFO_RECORD: ConfigRecord(info)})
     update, held, client_state = job.train(
         plan, payload, broadcasts, _load_client_state(context), int(cfg["seed"]), int(cfg["data-seed"])
     )
+    secure.after_training(job)
     _save_client_state(context, client_state)
     round = engine.round
     losses = [float(x) for x in round.losses]
@@ -243,6 +253,20 @@ def build_client_app(config: str | None = None) -> ClientApp:
     def train(msg: Message, context: Context) -> Message:
         job = get_job(_config_path(context, config))
         return Message(client_train(job, msg.content, context), reply_to=msg)
+
+    def secagg(action: str) -> Any:
+        def step(msg: Message, context: Context) -> Message:
+            from fedlight_flower.secure import RECORD, client_step
+
+            client_id = int(msg.content.config_records[RECORD]["client-id"])
+            if _partition(context) != client_id:
+                raise RuntimeError(f"message for fedlight client {client_id} reached another partition's node")
+            return Message(client_step(action, msg.content, context, client_id), reply_to=msg)
+
+        app.query(action)(step)
+
+    for action in ("secagg_keys", "secagg_shares", "secagg_unmask"):
+        secagg(action)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
@@ -556,34 +580,68 @@ def screen_replies(
     return out
 
 
-def screen_evaluations(replies: list[Message], planned: list[PlannedReply]) -> tuple[dict[int, dict[str, float]], dict]:
-    """``evaluate`` replies -> (client id -> finite values, who -> why a reply is not used); never raises for a reply."""
-    values: dict[int, dict[str, float]] = {}
+def screen_answers(
+    replies: list[Message], planned: list[PlannedReply], message_type: str, read: Any
+) -> tuple[dict[int, Any], dict[int | str, str]]:
+    """Replies to one kind of request besides ``train`` (``evaluate``, the SecAgg steps) -> (client id ->
+    ``read(content)``, who -> why a reply is not used). One reply per asked node, of ``message_type``, for
+    the round and message asked, naming the client asked; ``read`` raises for content it cannot use.
+    Never raises for a reply."""
+    answers: dict[int, Any] = {}
     refused: dict[int | str, str] = {}
     by_node: dict[Any, list[Message]] = {}
     for reply in replies:
         by_node.setdefault(getattr(getattr(reply, "metadata", None), "src_node_id", None), []).append(reply)
     for node in set(by_node) - {p.node_id for p in planned}:
-        refused[f"node {node}"] = "evaluate reply from a node that was not asked"
+        refused[f"node {node}"] = f"{message_type} reply from a node that was not asked"
     for p in planned:
         got = by_node.get(p.node_id, [])
         try:
             if len(got) != 1:
-                raise ReplyRejected(f"{len(got)} replies to one evaluate message")
+                raise ReplyRejected(f"{len(got)} replies to one {message_type} message")
             reply = got[0]
-            _check_metadata(reply, p, "evaluate")
+            _check_metadata(reply, p, message_type)
             if reply.has_error():
                 raise ReplyRejected(f"error reply: {reply.error.reason}")
             claimed = reply.content.config_records[INFO_RECORD].get("client-id")
             if type(claimed) is not int or claimed != p.client_id:
                 raise ReplyRejected(f"reply claims client-id {claimed!r}; the server asked client {p.client_id}")
-            record = reply.content.metric_records[EVALUATION_RECORD]
-            values[p.client_id] = {str(k): _finite(v, f"{EVALUATION_RECORD}[{k}]") for k, v in record.items()}
+            answers[p.client_id] = read(reply.content)
         except Exception as err:  # noqa: BLE001 (a bad answer leaves that client out, it never crashes the round)
             refused[p.client_id] = (
                 str(err) if isinstance(err, ReplyRejected) else f"malformed ({type(err).__name__}: {err})"
             )
-    return values, refused
+    return answers, refused
+
+
+def ask(
+    grid: Grid,
+    job: FedlightJob,
+    node_of: dict[int, int],
+    round_idx: int,
+    requests: dict[int, dict[str, Any]],
+    message_type: str,
+    read: Any,
+    timeout: float,
+) -> tuple[dict[int, Any], dict[int | str, str]]:
+    """Send ``requests`` (client id -> records) as ``message_type`` messages of round ``round_idx`` and
+    screen the replies (:func:`screen_answers`)."""
+    clients = list(requests)
+    messages = [
+        Message(RecordDict(requests[c]), dst_node_id=node_of[c], message_type=message_type, group_id=str(round_idx))
+        for c in clients
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+    planned = [
+        PlannedReply(c, node_of[c], round_idx, job.population.client_sizes[c], str(m.metadata.message_id or ""))
+        for c, m in zip(clients, messages, strict=True)
+    ]  # the Grid set each message's id when it pushed it
+    return screen_answers(replies, planned, message_type, read)
+
+
+def _read_evaluation(content: RecordDict) -> dict[str, float]:
+    record = content.metric_records[EVALUATION_RECORD]
+    return {str(k): _finite(v, f"{EVALUATION_RECORD}[{k}]") for k, v in record.items()}
 
 
 def ask_clients_to_evaluate(grid: Grid, job: FedlightJob, node_of: dict[int, int], timeout: float) -> int:
@@ -601,23 +659,16 @@ def ask_clients_to_evaluate(grid: Grid, job: FedlightJob, node_of: dict[int, int
         clients = feature.clients_due(engine, r)
         if not clients:
             continue
-        content = {"fedlight.global": state_to_record(engine.global_state)}  # fp32: exact, whatever the codecs
-        messages = []
-        for c in clients:
-            config = ConfigRecord({"round": r.round, "client-id": c, "feature": feature.key})
-            record = RecordDict({**content, "fedlight.config": config})
-            messages.append(Message(record, dst_node_id=node_of[c], message_type="evaluate", group_id=str(r.round)))
-        sent += len(messages) * sum(len(a.data) for a in content["fedlight.global"].values())  # .npy bytes
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
-        planned = [
-            PlannedReply(c, node_of[c], r.round, job.population.client_sizes[c], str(m.metadata.message_id or ""))
-            for c, m in zip(clients, messages, strict=True)
-        ]
-        values, refused = screen_evaluations(replies, planned)
+        state = state_to_record(engine.global_state)  # fp32: exact, whatever the codecs
+        requests = {
+            c: {"fedlight.global": state, "fedlight.config": ConfigRecord({"round": r.round, "client-id": c, "feature": feature.key})}
+            for c in clients
+        }  # fmt: skip
+        sent += len(clients) * sum(len(a.data) for a in state.values())  # .npy bytes
+        values, refused = ask(grid, job, node_of, r.round, requests, "evaluate", _read_evaluation, timeout)
         for who, reason in refused.items():
-            _log(
-                f"round {r.round}: {feature.name}: evaluation of {who if isinstance(who, str) else f'client {who}'} not used: {reason}"
-            )
+            label = who if isinstance(who, str) else f"client {who}"
+            _log(f"round {r.round}: {feature.name}: evaluation of {label} not used: {reason}")
         feature.report(values)
     return sent
 
@@ -673,6 +724,13 @@ def run_server(grid: Grid, job: FedlightJob, out: Path | None, round_timeout: fl
     engine, options = job.engine, job.federation.options
     node_of = map_clients(grid, job.num_clients, nodes_timeout)
     arrays = uses_arrays(job)
+    session = getattr(engine.client, "session", None)  # secure aggregation: its steps become messages
+    if session is not None:
+        from functools import partial
+
+        from fedlight_flower.secure import FlowerSecureRound
+
+        session.make_round = partial(FlowerSecureRound, grid, job, node_of, round_timeout)
     backbone = job.backbone_fingerprint()
     if job.start_round == 1 and not engine.history and options.eval_before_training:
         engine.append_row({"round": 0, "num_clients": 0, **job.evaluate()})
@@ -704,6 +762,8 @@ def run_server(grid: Grid, job: FedlightJob, out: Path | None, round_timeout: fl
                 "seed": engine.seed, "data-seed": job.data_seed, "privacy-state": privacy_state,
             }  # fmt: skip
             record = RecordDict({**content, "fedlight.config": ConfigRecord(config)})
+            if session is not None:  # the bundles routed to this client and U1
+                record["fedlight.secagg"] = ConfigRecord(session.current().train_request(c))
             messages.append(Message(record, dst_node_id=node_of[c], message_type="train", group_id=str(round_idx)))
         # what each client receives, counted as the engine's start_client and the features count it
         r.downlink += len(messages) * (len(r.payload) + sum(len(b) for b in r.broadcasts.values()))

@@ -52,15 +52,6 @@ def check_remote(federation: FederatedRound, trainer: Any) -> None:
     ``federation:`` options were validated when the callback was built).
     """
     o = federation.options
-    if o.secure_aggregation is not None:
-        raise _refuse(
-            "federation.secure_aggregation",
-            "SecAgg needs its multi-message protocol between the nodes (X25519 key advertisement, Shamir "
-            "share exchange, masked upload, share reveal to unmask dropped clients), with each client's "
-            "secrets kept in its node's Context.state between those messages; fedlight's SecAgg runs the "
-            "client side in one process (privacy/secure_round.py) and the bridge does not implement those "
-            "exchanges yet (not built, not a Lightning limit)",
-        )
     privacy = o.privacy
     in_training = privacy.per_sample or type(privacy).on_client_start is not Privacy.on_client_start
     if in_training and not callable(getattr(privacy, "record_steps", None)):
@@ -152,6 +143,8 @@ class FedlightJob:
         self.population = Population(tuple(self.dm.client_sizes), self.dm.batch_size)
         self.data_seed = resolve_seed(self.dm.seed)
         self.start_round = 1
+        #: (node context, SecAgg party) of the client training now, saved back after its masked upload
+        self.secure_party: Any = None
         self.backbone_fingerprint()  # of the weights as built, before a resumed run's merged base is loaded
         try:
             self.engine.bind(self.population, self.dm)
@@ -256,7 +249,10 @@ class FedlightJob:
             clip_algorithm=self.trainer.gradient_clip_algorithm or "norm",
         )
         held = None
-        if update is None and client_id not in round.failed and client_id not in plan.lost:  # a feature held it
+        session = getattr(engine.client, "session", None)
+        declined = session is not None and session.current().failure is not None  # a failed SecAgg round
+        if update is None and client_id not in round.failed and client_id not in plan.lost and not declined:
+            # a feature held it
             held = self.module.peft.get_state(self.module.model, engine.shared_names)  # as finish_client left it
         return update, held, engine.client_store.get(client_id, {})
 
