@@ -26,6 +26,13 @@ Message protocol (one ``RecordDict`` per message):
   ``fedlight.held``, the client's trained shared tensors (fp32); the ServerApp's own copy of that feature
   holds it (``hold_update``) and crafts and sends it at ``before_aggregate``, as ``fedlight fit`` does.
 
+* ``evaluate`` server -> each client with state, after ``end_round``, for a round feature that declares
+  ``client_evaluation`` (personalised evaluation): ``fedlight.global`` (the new global state, fp32) and
+  ``fedlight.config`` (``round``, ``client-id``, ``feature``); reply ``fedlight.evaluation`` (MetricRecord,
+  the feature's ``client_metrics``) and ``fedlight.info`` (``client-id``).
+* ``query.secagg_keys`` / ``query.secagg_shares`` / ``query.secagg_unmask`` (secure aggregation only): the
+  SecAgg steps, each client's party kept in its ``Context.state``; see :mod:`fedlight_flower.secure`.
+
 Client state that fedlight keeps per client between rounds (``local`` tensors for personalisation,
 codec error-feedback ``residual``, SCAFFOLD's ``control``) lives in the node's ``Context.state`` as
 ``fedlight.state.<purpose>`` ArrayRecords: where Flower keeps node state (a deployed SuperNode runs

@@ -68,7 +68,7 @@ class FlowerSecureRound(SecureRound):
     ) -> None:
         self.grid, self.job, self.node_of, self.timeout = grid, job, node_of, timeout
         super().__init__(*args, **kwargs, simulate=False)
-        self.round_idx = int(self.server.session.decode().rsplit("/", 1)[1])  # "<seed>/<round>", set by the pipeline
+        self.round_idx = job.engine.round.round  # begin_round planned the round before the pipeline's set-up
         if self.failure is None:
             self.exchange_keys(self._advertise, self._share)
 
