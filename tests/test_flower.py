@@ -631,6 +631,7 @@ def test_map_clients_ignores_bad_identifications(flower_message_env):
 #: (federation / model / trainer overrides, what the refusal must say): what needs Lightning's step loop,
 #: and personalised evaluation with a base-merging aggregator (a remote client's base lags at evaluation)
 REFUSED = [
+    ({"federation": {"attack": "sign_flip", "malicious_fraction": 0.34, "secure_aggregation": {"class_path": "fedlight.privacy.secure_round.SecureAggregation"}, "aggregator": {"class_path": "fedavg", "init_args": {"weighting": "uniform"}}}}, "masked by the attacker's own"),
     ({"model": {"peft": {"class_path": "lora", "init_args": {"r": 2}}}, "federation": {"personal_eval_every": 1, "aggregator": "fedex_lora"}}, "brings its base up to date only when it next trains"),
     ({"trainer": {"precision": "bf16-mixed"}}, "precision plugin"),
     ({"optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}, "lr_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1}}}, "stepped by Lightning's loop"),
