@@ -68,11 +68,27 @@ def in_process_state(cfg: dict, tmp_path: Path) -> tuple[dict[str, torch.Tensor]
     return fed.global_state, fed.history
 
 
-def test_flower_simulation_equals_in_process(tmp_path):
+SIMULATED = {
+    "plain": {},
+    # SecAgg's query.* steps, the evaluate messages and Context.state through Ray's actors
+    "secure_aggregation+personal_eval": {
+        "federation": {
+            "secure_aggregation": {"class_path": "fedlight.privacy.secure_round.SecureAggregation"},
+            "aggregator": {"class_path": "fedavg", "init_args": {"weighting": "uniform"}},
+            "personal_eval_every": 1,
+        }
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "case", ["plain", pytest.param("secure_aggregation+personal_eval", marks=pytest.mark.slow)]
+)
+def test_flower_simulation_equals_in_process(tmp_path, case):
     """Same seed, same sampled clients: the Simulation Runtime's final trainable state == `fedlight fit`'s."""
     from fedlight_flower.cli import simulate
 
-    cfg = flower_config(tmp_path)
+    cfg = flower_config(tmp_path, **SIMULATED[case])
     expected, history = in_process_state(cfg, tmp_path / "inproc")
     out = tmp_path / "sim"
     got = simulate(write(cfg, tmp_path / "flower.yaml"), out, cpus_per_client=1, num_cpus=1)
@@ -85,6 +101,9 @@ def test_flower_simulation_equals_in_process(tmp_path):
         assert ours["num_clients"] == theirs["num_clients"]
         assert ours["uplink_bytes"] == theirs["uplink_bytes"]
         assert ours["val_acc"] == pytest.approx(theirs["val_acc"], abs=1e-6)
+        assert ours["downlink_bytes"] == theirs["downlink_bytes"]
+        for key in (k for k in theirs if "personal" in k):
+            assert ours[key] == pytest.approx(theirs[key], abs=1e-12), key
     from safetensors.torch import load_file
 
     saved = load_file(str(out / "global_state.safetensors"))
