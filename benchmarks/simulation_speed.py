@@ -5,9 +5,10 @@ Every engine trains the same model (built by the same task + PEFT method) on the
 
 * **plain loop**: per sampled client, copy the global trainable tensors in, a fresh AdamW, its local
   steps (the task's own loss), the delta; example-weighted FedAvg; validation. No Lightning, no codec.
-* **fedlight sequential**: ``fedlight fit`` on the same config, in this process (Lightning loop, the
-  round engine, identity codecs, byte counting, the CSV logger).
-* **fedlight grouped**: not measured: grouped execution (issue 18, item 2) does not exist yet.
+* **fedlight** ``fedlight fit`` on the same config, in this process (Lightning loop, the round engine,
+  identity codecs, byte counting, the CSV logger), once per ``federation.execution`` in ``--executions``:
+  ``steps`` (each local step a Lightning step), ``sequential`` (the engine runs a whole client inside one
+  Lightning step) and ``grouped`` (the round's clients stacked in one vectorised step per local step).
 * **Flower simulation**: ``fedlight-flower simulate`` as a subprocess (its own ``round_time_s``), when
   the plugin is installed and ``--flower`` is given (it needs minutes at 100 clients per round).
 
@@ -124,7 +125,11 @@ def plain_rounds(cfg: dict, tmp: Path, device: str = "cpu") -> tuple[list[float]
     seed = resolve_seed(dm.seed)
     val = list(dm.splits.val)
     stamps = [clock()]
-    to = (lambda b: {k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()}) if device != "cpu" else (lambda b: b)
+    to = (
+        (lambda b: {k: v.to(device) if hasattr(v, "to") else v for k, v in b.items()})
+        if device != "cpu"
+        else (lambda b: b)
+    )
     for r in range(1, cfg["federation"]["rounds"] + 1):
         plan = fed.engine.plan_for(r)
         by_client: dict[int, list] = {}
@@ -210,36 +215,39 @@ def run_workload(name: str, cfg: dict, tmp: Path, args) -> list[str]:
     import torch
 
     device = "cuda" if cfg["trainer"]["accelerator"] == "cuda" else "cpu"
+    executions = args.executions.split(",")
     plain: list[Stamp] = []
-    fed: list[Stamp] = []
-    fixed: list[float] = []
-    for _ in range(args.repeat):  # A B A B: drift of a shared machine hits both alike
+    fed: dict[str, list[Stamp]] = {e: [] for e in executions}
+    fixed: dict[str, list[float]] = {e: [] for e in executions}
+    diffs: dict[str, float] = {}
+    for _ in range(args.repeat):  # A B C A B C: drift of a shared machine hits every engine alike
         rounds, plain_state = plain_rounds(copy.deepcopy(cfg), tmp, device)
         plain += rounds
-        rounds, cost, cli = fedlight_rounds(copy.deepcopy(cfg), tmp)
-        fed += rounds
-        fixed.append(cost)
-    fed_state = _global_state(cli)
-    diff = max(float((fed_state[k].float().cpu() - v).abs().max()) for k, v in plain_state.items())
+        for execution in executions:
+            run_cfg = copy.deepcopy(cfg)
+            run_cfg["federation"]["execution"] = execution
+            rounds, cost, cli = fedlight_rounds(run_cfg, tmp)
+            fed[execution] += rounds
+            fixed[execution].append(cost)
+            state = _global_state(cli)
+            diffs[execution] = max(float((state[k].float().cpu() - v).abs().max()) for k, v in plain_state.items())
+            del cli
     fed_c = cfg["federation"]
-    p_cpu, f_cpu = median([r.cpu for r in plain]), median([r.cpu for r in fed])
-    p_wall, f_wall = median([r.wall for r in plain]), median([r.wall for r in fed])
+    p_cpu, p_wall = median([r.cpu for r in plain]), median([r.wall for r in plain])
     flower = "not run (--flower)"
     if args.flower and device == "cpu":
         result = flower_rounds(copy.deepcopy(cfg), tmp, args.threads, args.num_cpus)
-        if isinstance(result, str):
-            flower = result
-        else:
-            w = median(result[0])
-            flower = f"{w:.3f} wall ({w / f_wall:.2f}x fedlight wall), fixed {result[1]:.0f} s"
-    rows = [
-        (f"| {name} | {cfg['data']['num_clients']} / {fed_c['clients_per_round']} | {p_cpu:.3f} ({p_wall:.3f}) "
-        f"| {f_cpu:.3f} ({f_wall:.3f}) | **{f_cpu / p_cpu:.2f}x** ({f_wall / p_wall:.2f}x) | {min(fixed):.1f} "
-        f"| n/a (no grouped execution yet) | {flower} | {diff:.2g} |")
-    ]
+        flower = result if isinstance(result, str) else f"{median(result[0]):.3f} wall, fixed {result[1]:.0f} s"
+    rows = []
+    for execution in executions:
+        f_cpu, f_wall = median([r.cpu for r in fed[execution]]), median([r.wall for r in fed[execution]])
+        rows.append(
+            f"| {name} | {cfg['data']['num_clients']} / {fed_c['clients_per_round']} | {p_cpu:.3f} ({p_wall:.3f}) "
+            f"| {execution} | {f_cpu:.3f} ({f_wall:.3f}) | **{f_cpu / p_cpu:.2f}x** ({f_wall / p_wall:.2f}x) "
+            f"| {min(fixed[execution]):.1f} | {flower} | {diffs[execution]:.2g} |"
+        )
     if device == "cuda":
         rows.append(centralized_row(cfg, tmp, p_wall))
-    del cli
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return rows
@@ -281,9 +289,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="rounds per run (the first is not timed)")
     parser.add_argument("--repeat", type=int, default=2, help="alternating plain/fedlight runs per workload")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (and OMP_NUM_THREADS)")
+    parser.add_argument("--executions", default="steps,sequential,grouped", help="federation.execution values to time")
     parser.add_argument("--flower", action="store_true", help="also run Flower simulation (slow: minutes)")
     parser.add_argument("--num-cpus", type=int, default=2, help="Ray CPUs for Flower simulation")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the ViT-B/16 + LoRA workload only")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="cuda: the ViT-B/16 + LoRA workload only"
+    )
     args = parser.parse_args()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
@@ -303,10 +314,12 @@ def main() -> None:
         }
         workloads = {w: makers[w]() for w in args.workloads.split(",")}
     load = os.getloadavg()[0]
-    print(f"{os.cpu_count()} CPUs, load {load:.1f} at start; torch threads {args.threads}; {args.rounds} rounds (first untimed)")
-    print("| workload | clients / per round | plain loop: CPU s/round (wall) | fedlight sequential: CPU s/round (wall) "
-          "| ratio CPU (wall) | fedlight fixed cost, wall s | grouped | Flower simulation, s/round | max abs diff plain vs fedlight |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---|---|---:|")
+    print(
+        f"{os.cpu_count()} CPUs, load {load:.1f} at start; torch threads {args.threads}; {args.rounds} rounds (first untimed)"
+    )
+    print("| workload | clients / per round | plain loop: CPU s/round (wall) | fedlight execution | fedlight: CPU s/round (wall) "
+          "| fedlight / plain, CPU (wall) | fedlight fixed cost, wall s | Flower simulation, s/round | max abs diff vs plain |")  # fmt: skip
+    print("|---|---|---:|---|---:|---:|---:|---|---:|")
     for name, cfg in workloads.items():
         for row in run_workload(name, cfg, tmp, args):
             print(row, flush=True)

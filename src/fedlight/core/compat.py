@@ -13,7 +13,8 @@ Capabilities read here (class attributes or methods of the plugin kinds):
 * codecs: ``passthrough`` (encodes tensors as they are: nothing to compress or lose);
 * privacy: ``requires_uniform_mean``, ``protects_updates``, ``per_sample``, ``secure_aggregation_problem()``;
 * client methods: ``sends_extra``, ``respects_client_views``;
-* round features: ``acts_in_local_training``;
+* round features: ``acts_in_local_training``, ``groupable``;
+* optimizers: elementwise (:data:`ELEMENTWISE_OPTIMIZERS`), for grouped execution;
 * tasks: ``quantized`` (the frozen base is 8/4-bit), with the peft method's ``merges_into_base`` and the
   tensors it left trainable (:func:`check_model`).
 """
@@ -124,3 +125,31 @@ def check_model(task: Any, peft: Any, model: Any, aggregator: Any = None) -> Non
             f"{where}: federation.aggregator {aggregator.name!r} merges updates into the frozen base, which is "
             "quantized here; use a non-merging aggregator (fedavg, fedadam, ...) or drop quantization"
         )
+
+
+#: optimizers whose update of each tensor element depends on that element's gradient history only, so
+#: one optimizer over stacked client slots equals one optimizer per client (grouped execution)
+ELEMENTWISE_OPTIMIZERS = frozenset({"SGD", "Adam", "AdamW", "Adamax", "Adagrad", "RMSprop", "NAdam", "RAdam"})
+
+
+def grouping_blocker(module: Any, privacy: Any, features: Any, optimizer: Any) -> str | None:
+    """Why this run's clients cannot train stacked in one vectorised step (grouped execution), or None.
+
+    Read from capabilities: a privacy mechanism acting per example inside local training (DP-SGD), a
+    round feature that is not ``groupable``, an optimizer that is not elementwise (:data:`ELEMENTWISE_OPTIMIZERS`,
+    by the ``torch.optim`` class it derives from), and BatchNorm layers in train mode (their running
+    statistics are one in-place buffer, not one per client).
+    """
+    import torch
+
+    if privacy.per_sample:
+        return f"federation.privacy {privacy.name!r} acts per example inside local training"
+    for feature in features:
+        if not feature.groupable:
+            return f"round feature {feature.name!r} keeps the current client's state between local steps"
+    bases = {c.__name__ for c in type(optimizer).__mro__ if c.__module__.startswith("torch.optim")}
+    if not bases & ELEMENTWISE_OPTIMIZERS:
+        return f"optimizer {type(optimizer).__name__} is not one of the elementwise {sorted(ELEMENTWISE_OPTIMIZERS)}"
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in module.net.modules()):
+        return "the model has BatchNorm layers in train mode (trainable BatchNorm keeps one set of running statistics)"
+    return None

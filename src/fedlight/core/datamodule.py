@@ -45,6 +45,10 @@ def collate_with_client(collate: Callable[[list[Example]], dict[str, Any]], exam
     return batch
 
 
+def _as_is(item: Any) -> Any:
+    return item
+
+
 class RoundBatchSampler(Sampler[list[tuple[int, int]]]):
     """Batches of one round: each sampled client's local steps in turn, reshuffled per epoch of its data.
 
@@ -63,20 +67,56 @@ class RoundBatchSampler(Sampler[list[tuple[int, int]]]):
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for client, steps in zip(self.plan.training, self.plan.steps):
-            indices = self.client_indices[client]
-            rng = batch_rng(self.seed, self.plan.round, client)
-            size = min(self.batch_size, len(indices))
-            if self.plan.batches == "subsample":  # each step independent (what DP-SGD's accountant assumes)
-                for _ in range(steps):
-                    yield [(client, int(i)) for i in rng.choice(indices, size=size, replace=False)]
-                continue
-            order = rng.permutation(indices)
-            pos = 0
+            yield from self.client_batches(client, steps)
+
+    def client_batches(self, client: int, steps: int) -> Iterator[list[tuple[int, int]]]:
+        """Client ``client``'s ``steps`` local batches of this round (its own seeded order)."""
+        indices = self.client_indices[client]
+        rng = batch_rng(self.seed, self.plan.round, client)
+        size = min(self.batch_size, len(indices))
+        if self.plan.batches == "subsample":  # each step independent (what DP-SGD's accountant assumes)
             for _ in range(steps):
-                if pos + size > len(order):
-                    order, pos = rng.permutation(indices), 0
-                yield [(client, int(i)) for i in order[pos : pos + size]]
-                pos += size
+                yield [(client, int(i)) for i in rng.choice(indices, size=size, replace=False)]
+            return
+        order = rng.permutation(indices)
+        pos = 0
+        for _ in range(steps):
+            if pos + size > len(order):
+                order, pos = rng.permutation(indices), 0
+            yield [(client, int(i)) for i in order[pos : pos + size]]
+            pos += size
+
+
+class RoundUnits(torch.utils.data.Dataset):
+    """A round as work units for the engine's executors (``federation.execution`` other than ``steps``).
+
+    Item ``u`` is ``{"unit": [(client id, [collated batch of each local step]), ...]}``: one client
+    (``sequential``) or a group of clients (``grouped``), with exactly the batches the ``steps`` loader
+    would give them, so every execution trains on the same data in the same order.
+    """
+
+    def __init__(
+        self,
+        sampler: RoundBatchSampler,
+        units: Sequence[Sequence[int]],
+        dataset: ClientTaggedDataset,
+        collate: Callable[[list[Example]], dict[str, Any]],
+    ) -> None:
+        self.sampler, self.units, self.dataset, self.collate = sampler, units, dataset, collate
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def __getitem__(self, u: int) -> dict[str, Any]:
+        plan, out = self.sampler.plan, []
+        for k in self.units[u]:
+            client = plan.training[k]
+            batches = [
+                collate_with_client(self.collate, [self.dataset[key] for key in keys])
+                for keys in self.sampler.client_batches(client, plan.steps[k])
+            ]
+            out.append((client, batches))
+        return {"unit": out}
 
 
 class FederatedDataModule(pl.LightningDataModule):
@@ -114,6 +154,8 @@ class FederatedDataModule(pl.LightningDataModule):
         self.splits: DatasetSplits | None = None
         self.client_indices: list[np.ndarray] = []
         self._planner: Callable[[int], RoundPlan] | None = None
+        #: how a round's planned clients are cut into work units (None: one Lightning batch per local step)
+        self._units: Callable[[RoundPlan], list[list[int]]] | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
@@ -141,9 +183,11 @@ class FederatedDataModule(pl.LightningDataModule):
     def client_sizes(self) -> list[int]:
         return [len(ix) for ix in self.client_indices]
 
-    def set_planner(self, planner: Callable[[int], RoundPlan]) -> None:
-        """The round callback hands over how to plan round r (1-based)."""
-        self._planner = planner
+    def set_planner(
+        self, planner: Callable[[int], RoundPlan], units: Callable[[RoundPlan], list[list[int]]] | None = None
+    ) -> None:
+        """The round callback hands over how to plan round r (1-based), and how to cut it into work units."""
+        self._planner, self._units = planner, units
 
     def _task_collate(self):
         return self.trainer.lightning_module.task.collate
@@ -153,6 +197,11 @@ class FederatedDataModule(pl.LightningDataModule):
             raise RuntimeError("no round planner: add the `federation:` section (FederatedRound callback)")
         plan = self._planner(self.trainer.current_epoch + 1)
         sampler = RoundBatchSampler(plan, self.client_indices, self.batch_size, resolve_seed(self.seed))
+        if self._units is not None:
+            units = RoundUnits(
+                sampler, self._units(plan), ClientTaggedDataset(self.data_splits.train), self._task_collate()
+            )
+            return DataLoader(units, batch_size=None, collate_fn=_as_is)
         return DataLoader(
             ClientTaggedDataset(self.data_splits.train),
             batch_sampler=sampler,

@@ -149,6 +149,9 @@ class RoundEngine:
         # the round and client in progress
         self._round: RoundState | None = None
         self.current: ClientRun | None = None
+        #: the model's shared / local tensor names, read once at :meth:`attach` (they never change in a run)
+        self.shared_names: list[str] = []
+        self.local_names: list[str] = []
 
     # the run's state, set once the run is bound/attached (accessing it earlier is a programming error)
 
@@ -180,9 +183,6 @@ class RoundEngine:
     def client_run(self) -> ClientRun:
         assert self.current is not None, "no client is training: start_client() first"
         return self.current
-        #: the model's shared / local tensor names, read once at :meth:`attach` (they never change in a run)
-        self.shared_names: list[str] = []
-        self.local_names: list[str] = []
 
     # --- run set-up ----------------------------------------------------------------------------
 
@@ -300,6 +300,16 @@ class RoundEngine:
         for feature in self.features:
             feature.on_client_start(self, self.current)
         return self.current
+
+    def suspend_client(self) -> ClientRun:
+        """Set the current client aside (grouped execution starts several before any finishes)."""
+        run, self.current = self.client_run, None
+        return run
+
+    def resume_client(self, run: ClientRun) -> None:
+        """Make a suspended client current again (its batches, gradients or :meth:`finish_client` come next)."""
+        assert self.current is None, f"client {self.current.client_id if self.current else None} is still current"
+        self.current = run
 
     def on_batch(self, batch: dict[str, Any]) -> None:
         """A local batch of the current client, before its forward pass (features may change it)."""

@@ -12,6 +12,7 @@ from typing import Any
 from fedlight.core import compat
 from fedlight.core.client import ClientPipeline
 from fedlight.core.engine import RoundEngine, Schedule
+from fedlight.core.executors import check_execution
 from fedlight.core.faults import ClientFaults
 from fedlight.core.heterogeneity import check_sampling
 from fedlight.core.server import DEFAULT_MAX_NORM_OVER_MEDIAN, ServerPipeline
@@ -45,6 +46,8 @@ class FederationOptions:
     personal_eval_every: int = 0
     secure_aggregation: Any = None
     features: list[Any] | None = None
+    execution: str = "steps"
+    group_size: int | str = "auto"
 
     def __post_init__(self) -> None:
         self.faults = self.faults or ClientFaults()
@@ -70,6 +73,7 @@ class FederationOptions:
         if (self.attack is None) != (self.malicious_fraction == 0.0):
             raise ValueError("federation.attack and federation.malicious_fraction > 0 go together: set both or neither")
         self.client_sampling = check_sampling(self.client_sampling)
+        check_execution(self.execution, self.group_size)
         compat.check(self.composition())
 
     def composition(self) -> compat.Composition:

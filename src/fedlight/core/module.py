@@ -77,6 +77,8 @@ class FederatedModule(pl.LightningModule):
         self._client_error: str | None = None
         #: set by the federation callback for per-example privacy (DP-SGD): (model, task, batch) -> StepOutput
         self.private_step = None
+        #: set by the federation callback under unit execution: trains one work unit of clients
+        self.run_unit: Any = None
         # round checkpoints omit the frozen backbone (rebuilt from its source), see on_save_checkpoint
         self.strict_loading = False
         #: frozen weights a merging aggregator changed (set by the federation callback): checkpointed
@@ -141,7 +143,15 @@ class FederatedModule(pl.LightningModule):
     # --- steps ----------------------------------------------------------------------------------
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
-        """One local step; a client whose step raises is isolated (None skips the optimizer step)."""
+        """One local step; a client whose step raises is isolated (None skips the optimizer step).
+
+        Under ``federation.execution: sequential | grouped`` a batch is a work unit of whole clients,
+        which the federation callback's executor trains (``run_unit``); Lightning's own step is then empty.
+        """
+        if "unit" in batch:
+            assert self.run_unit is not None, "the federation callback sets run_unit for work-unit batches"
+            self.run_unit(batch["unit"])
+            return None
         client = int(batch["client_id"][0]) if "client_id" in batch else None
         if client is not None and client == self.skip_client:
             return None
@@ -269,15 +279,20 @@ class FederatedModule(pl.LightningModule):
         frozen = {f"model.{n}" for n in self.frozen_names() if n not in self.kept_frozen}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
 
-    def configure_optimizers(self):
-        """Client AdamW over the trainable tensors, or the config's ``optimizer:`` / ``lr_scheduler:`` sections."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
+    def make_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        """The client optimizer over ``params``: AdamW(lr, weight_decay), or the config's ``optimizer:`` section."""
         if self.optimizer_init is None:
             return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        from lightning.pytorch.cli import LightningCLI, instantiate_class
+        from lightning.pytorch.cli import instantiate_class
 
-        optimizer = instantiate_class(params, dict(self.optimizer_init))
+        return instantiate_class(params, dict(self.optimizer_init))
+
+    def configure_optimizers(self):
+        """Client optimizer over the trainable tensors (:meth:`make_optimizer`) and the ``lr_scheduler:`` section."""
+        optimizer = self.make_optimizer([p for p in self.net.parameters() if p.requires_grad])
         if self.lr_scheduler_init is None:
             return optimizer
+        from lightning.pytorch.cli import LightningCLI, instantiate_class
+
         scheduler = instantiate_class(optimizer, dict(self.lr_scheduler_init))
         return LightningCLI.configure_optimizers(self, optimizer, scheduler)

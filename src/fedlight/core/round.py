@@ -8,7 +8,7 @@ hooks onto engine calls. Everything a round does lives in the engine, its pipeli
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 from jsonargparse import lazy_instance
@@ -23,6 +23,7 @@ from fedlight.codecs.identity import IdentityCodec
 from fedlight.core.checkpoint import AtomicCheckpointIO, capture_rng, restore_rng
 from fedlight.core.datamodule import FederatedDataModule
 from fedlight.core.engine import Population
+from fedlight.core.executors import ClientExecutor
 from fedlight.core.faults import ClientFaults
 from fedlight.core.federation import FederationOptions
 from fedlight.core.heterogeneity import ComputeTiers
@@ -75,6 +76,11 @@ class FederatedRound(pl.Callback):
             masked updates and their sum; refuses robust aggregators, ``max_update_norm`` and lossy
             uplink codecs (see docs/privacy.md for the composition matrix).
         features: more round features (``round_features`` plugins), run after the built-in ones.
+        execution: how sampled clients run in-process: ``steps`` (each local step a Lightning step),
+            ``sequential`` (the engine runs each client's steps inside one Lightning step: less
+            overhead) or ``grouped`` (``group_size`` clients train side by side in one vectorised step
+            over the frozen backbone; falls back to sequential, with a notice, where it cannot).
+        group_size: clients per group under ``grouped`` (``auto``: up to 16).
     """
 
     def __init__(
@@ -103,12 +109,15 @@ class FederatedRound(pl.Callback):
         personal_eval_every: int = 0,
         secure_aggregation: SecureAggregation | None = None,
         features: list[RoundFeature] | None = None,
+        execution: Literal["steps", "sequential", "grouped"] = "steps",
+        group_size: int | Literal["auto"] = "auto",
     ) -> None:
         options = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.options = FederationOptions(**options)
         self.engine = self.options.build_engine()
         self.rounds = rounds
         self._log: RunLog | None = None
+        self.executor: ClientExecutor | None = None  # built at fit start (execution other than steps)
 
     # what scripts and tests read of a run (the engine owns it)
     _ENGINE_VIEWS = frozenset(
@@ -145,12 +154,13 @@ class FederatedRound(pl.Callback):
         if not isinstance(dm, FederatedDataModule) or not isinstance(pl_module, FederatedModule):
             raise ConfigError("the federation callback needs a FederatedModule and a FederatedDataModule")
         check_trainer(trainer, self.options, dm)
+        o = self.options
         try:
             self.engine.bind(Population(tuple(dm.client_sizes), dm.batch_size), dm)
         except ValueError as err:
             raise ConfigError(str(err)) from err
-        dm.set_planner(self.engine.plan_for)
-        o = self.options
+        units = None if o.execution == "steps" else (lambda plan: cast(ClientExecutor, self.executor).units(plan))
+        dm.set_planner(self.engine.plan_for, units)
         for callback in (
             RoundCheckpoint(self, o.checkpoint_every),
             AdapterExport(self, o.export_every, o.export_merged),
@@ -177,6 +187,14 @@ class FederatedRound(pl.Callback):
         except ValueError as err:
             raise ConfigError(str(err)) from err
         self._log = RunLog(self.log_dir(trainer), enabled=trainer.is_global_zero)
+        if self.options.execution != "steps":  # the module's training steps become work units of clients
+            try:
+                self.executor = ClientExecutor(self.engine, self.options.execution, self.options.group_size, trainer)
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
+            if self.executor.notice:
+                rank_zero_info(f"[fedlight] {self.executor.notice}")
+            pl_module.run_unit = self.executor.run
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
         engine = self.engine
@@ -195,6 +213,8 @@ class FederatedRound(pl.Callback):
         self.engine.begin_round(trainer.current_epoch + 1)
 
     def on_train_batch_start(self, trainer, pl_module: FederatedModule, batch: Any, batch_idx: int) -> None:
+        if "unit" in batch:  # a work unit: the executor runs its clients in the module's training_step
+            return
         engine, client_id = self.engine, int(batch["client_id"][0])
         if engine.current is None or engine.current.client_id != client_id:
             if engine.current is not None:
@@ -217,7 +237,8 @@ class FederatedRound(pl.Callback):
         if loss is not None:
             engine.record_loss(float(loss))
         if batch_idx == trainer.num_training_batches - 1:
-            engine.finish_client()
+            if engine.current is not None:  # steps: the last client is still current
+                engine.finish_client()
             r = engine.end_round()
             for client_id, reason in (r.report.rejected if r.report else {}).items():
                 rank_zero_info(f"[fedlight] round {r.round}: rejected update of client {client_id}: {reason}")

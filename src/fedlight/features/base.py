@@ -50,6 +50,10 @@ class RoundFeature(Plugin):
     #: True when a server-side point (``round_metrics``, ``on_aggregated``, …) reads ``engine.client_store``
     #: (e.g. clients' local tensors): an engine whose clients keep their own state (Flower) refuses it
     reads_client_store: ClassVar[bool] = False
+    #: False when the feature keeps state of *the* current client between its local-training points
+    #: (e.g. a client method's anchor): grouped execution, which interleaves the steps of several
+    #: clients, then runs the round's clients one after another instead
+    groupable: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

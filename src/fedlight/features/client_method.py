@@ -17,6 +17,7 @@ class ClientMethodFeature(RoundFeature):
 
     name = "client_method"
     acts_in_local_training = True
+    groupable = False  # the client method holds the current client's anchor / controls between steps
 
     def __init__(self, method: ClientMethod) -> None:
         self.method = method

@@ -23,19 +23,7 @@ from torch import nn
 from fedlight.hookspecs import hookimpl
 from fedlight.privacy.accounting import Accountant, check_mechanism_args, noise_for_epsilon
 from fedlight.privacy.base import Privacy, RunSpec
-from fedlight.tasks.base import StepOutput, Task
-
-
-class _TaskLoss(nn.Module):
-    """``forward(batch) -> (loss, StepOutput)`` of ``task`` on ``model``: what functional_call reparametrises."""
-
-    def __init__(self, model: nn.Module, task: Task) -> None:
-        super().__init__()
-        self.model = model
-        self.task = task
-
-    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.task.step(self.model, batch).loss
+from fedlight.tasks.base import StepOutput, Task, TaskLoss
 
 
 def _split_batch(batch: dict[str, Any]) -> tuple[int, dict[str, torch.Tensor], dict[str, Any]]:
@@ -77,7 +65,7 @@ def per_sample_gradients(
         raise ValueError(f"per-sample gradient method must be 'vmap' or 'loop', got {method!r}")
     from torch.func import functional_call, grad, vmap
 
-    wrapper = _TaskLoss(model, task)
+    wrapper = TaskLoss(model, task)
     params = {f"model.{n}": p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
     def loss_one(

@@ -23,6 +23,19 @@ class StepOutput:
     target: torch.Tensor
 
 
+class TaskLoss(torch.nn.Module):
+    """``forward(batch) -> loss`` of ``task`` on ``model``: the module ``torch.func.functional_call`` reparametrises
+    (per-example gradients for DP-SGD, per-client gradients for grouped execution)."""
+
+    def __init__(self, model: torch.nn.Module, task: Task) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.task.step(self.model, batch).loss
+
+
 @dataclass
 class GenerationEval:
     """Generative metrics of a model plus a few (prompt, generation, reference) samples to read."""

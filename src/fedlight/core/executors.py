@@ -1,0 +1,114 @@
+"""How a round's sampled clients are run in-process (``federation.execution``).
+
+* ``steps`` — every local step is one Lightning training step (Lightning's loop, precision plugin,
+  gradient clipping and callbacks run per step; the reference behaviour).
+* ``sequential`` — a Lightning step is one whole client: the engine runs its local steps itself
+  (:func:`fedlight.core.local.train_client`, what Lightning's automatic optimisation does per step),
+  without Lightning's per-step hooks. Same batches, same order, same result.
+* ``grouped`` — a Lightning step is a group of ``group_size`` clients trained side by side in one
+  vectorised step over the frozen backbone (:mod:`fedlight.core.grouped`); runs that cannot be
+  stacked (:func:`fedlight.core.compat.grouping_blocker`) run ``sequential`` with a one-line notice.
+
+Every execution trains each client on the batches the ``steps`` loader would give it, and the
+updates reach the server in plan order, so the round's result is the same up to float rounding.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import torch
+
+from fedlight.core import compat
+from fedlight.core.engine import RoundEngine
+from fedlight.core.grouped import GroupedTrainer
+from fedlight.core.local import train_client
+from fedlight.core.plan import RoundPlan
+
+EXECUTIONS = ("steps", "sequential", "grouped")
+#: ``group_size: auto`` stacks up to this many clients (the memory of G batches' activations at once)
+AUTO_GROUP = 16
+
+
+def check_execution(execution: str, group_size: int | str) -> None:
+    """Raise ValueError naming the option for an unknown execution or a bad group size."""
+    if execution not in EXECUTIONS:
+        raise ValueError(f"federation.execution must be one of {list(EXECUTIONS)}, got {execution!r}")
+    if group_size != "auto" and (not isinstance(group_size, int) or group_size < 1):
+        raise ValueError(f"federation.group_size must be 'auto' or an integer >= 1, got {group_size!r}")
+
+
+def check_trainer(execution: str, trainer: Any) -> None:
+    """Trainer settings the engine's own local loop cannot reproduce fail before round 1."""
+    if execution == "steps":
+        return
+    if str(trainer.precision) in ("16-mixed", "16"):
+        raise ValueError(
+            f"federation.execution {execution!r} runs local steps without Lightning's loss scaling, which "
+            "trainer.precision 16-mixed needs; use execution: steps, or precision bf16-mixed / 32-true"
+        )
+    for config in trainer.lr_scheduler_configs:
+        if config.interval == "step":
+            raise ValueError(
+                f"federation.execution {execution!r}: a learning-rate scheduler with interval 'step' would step "
+                "once per client, not per local step; use interval 'epoch' (once per round) or execution: steps"
+            )
+
+
+class ClientExecutor:
+    """Cuts each round into work units and trains them (sequentially or grouped) for one run."""
+
+    def __init__(self, engine: RoundEngine, execution: str, group_size: int | str, trainer: Any) -> None:
+        check_trainer(execution, trainer)
+        self.engine, self.trainer = engine, trainer
+        self.execution, self.group_size = execution, group_size
+        self.notice: str | None = None
+        self.grouped: GroupedTrainer | None = None
+        if execution == "grouped":
+            module = engine.module
+            probe = module.make_optimizer([torch.zeros(1, requires_grad=True)])
+            reason = compat.grouping_blocker(module, engine.privacy, engine.features, probe)
+            if reason:
+                self.execution = "sequential"
+                self.notice = f"federation.execution grouped -> sequential: {reason}"
+            else:
+                self.grouped = GroupedTrainer(engine)
+
+    def units(self, plan: RoundPlan) -> list[list[int]]:
+        """Positions in ``plan.training`` of each work unit: one client, or consecutive groups (plan order)."""
+        n = len(plan.training)
+        size = 1 if self.execution == "sequential" else (AUTO_GROUP if self.group_size == "auto" else self.group_size)
+        assert isinstance(size, int)
+        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+    def _optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        """A fresh client optimizer at the learning rate the run's (scheduled) optimizer has now."""
+        optimizer = self.engine.module.make_optimizer(params)
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return optimizer
+
+    def run(self, unit: Sequence[tuple[int, Sequence[dict[str, Any]]]]) -> None:
+        """Train one work unit's clients (their updates go to the engine); a client that raises is excluded."""
+        failed = set(self.engine.round.failed)
+        self._train(unit)
+        for client, error in self.engine.round.failed.items():
+            if client not in failed and error.startswith("Traceback"):  # not a pipeline's refusal
+                message = f"[fedlight] round {self.engine.round.round}: client {client} raised; excluded:\n{error}"
+                warnings.warn(message, UserWarning, stacklevel=2)
+
+    def _train(self, unit: Sequence[tuple[int, Sequence[dict[str, Any]]]]) -> None:
+        trainer = self.trainer
+        clip_val = trainer.gradient_clip_val
+        clip_algorithm = str(trainer.gradient_clip_algorithm or "norm")
+        if self.grouped is not None:
+            self.grouped.train(unit, self._optimizer, clip_val, clip_algorithm)
+            return
+        params = [p for p in self.engine.module.net.parameters() if p.requires_grad]
+        for client_id, batches in unit:
+            make = partial(self._optimizer, params)
+            train_client(self.engine, client_id, batches, make, clip_val=clip_val, clip_algorithm=clip_algorithm)
