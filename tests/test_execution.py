@@ -101,13 +101,27 @@ FEATURES = {
     "alie (colluding attackers) against the median": {
         "attack": "alie", "malicious_fraction": 0.25, "clients_per_round": 4, "aggregator": "median",
     },
+    "secure aggregation": pytest.param(
+        {"secure_aggregation": {"threshold": 0.5}, "aggregator": {"class_path": "fedavg", "init_args": {"weighting": "uniform"}}},
+        marks=pytest.mark.slow,
+    ),
+    "fedex_lora (merges into the frozen base)": pytest.param({"aggregator": "fedex_lora"}, marks=pytest.mark.slow),
+    "hetlora (per-client rank views)": pytest.param(
+        {"aggregator": {"class_path": "hetlora", "init_args": {"rank_tiers": [1, 2]}}}, marks=pytest.mark.slow
+    ),
+    "personalised evaluation, local heads": pytest.param({"personal_eval_every": 1}, marks=pytest.mark.slow),
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("feature", list(FEATURES.values()), ids=list(FEATURES))
 def test_features_give_the_same_round_in_every_execution(tmp_path, feature):
-    federation = {**BASE, **FEATURES[feature]}
-    runs = _runs(tmp_path, lambda d: vision_config(d, federation=federation), ("steps", "grouped"))
+    federation = {**BASE, **feature}
+    model = (
+        {"peft": {"class_path": "lora", "init_args": {"r": 2, "head": "local"}}}
+        if "personal_eval_every" in feature
+        else {}
+    )
+    runs = _runs(tmp_path, lambda d: vision_config(d, federation=federation, model=model), ("steps", "grouped"))
     assert runs["grouped"].executor.grouped is not None, runs["grouped"].executor.notice
     _assert_equal_runs(runs)
 
@@ -281,3 +295,17 @@ def test_an_epoch_scheduler_moves_the_learning_rate_per_round_in_every_execution
         return c
 
     _assert_equal_runs(_runs(tmp_path, cfg))
+
+
+@pytest.mark.parametrize(("devices", "num_nodes"), [(2, 1), (1, 2), (4, 2)])
+def test_several_devices_or_nodes_are_refused_before_round_1_with_what_to_use(devices, num_nodes):
+    # until a round's clients are spread over ranks, DDP would average unrelated clients' gradients
+    import lightning.pytorch as pl
+
+    from fedlight.core.round_callbacks import check_trainer
+
+    trainer = pl.Trainer(accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy="ddp", logger=False)
+    with pytest.raises(
+        ConfigError, match=r"not supported yet .* federation.execution: grouped .* \(`fedlight flower`\)"
+    ):
+        check_trainer(trainer, None, None)

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class ConfigError(ValueError):
     """A config (or a file it names) cannot be used; raised before round 1."""
+
+
+@contextmanager
+def as_config_error() -> Iterator[None]:
+    """A plugin's ``ValueError`` (already naming the option) becomes the ConfigError the CLI prints plainly."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 class CheckpointError(ConfigError):

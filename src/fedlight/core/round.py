@@ -33,7 +33,7 @@ from fedlight.core.round_callbacks import AdapterExport, RoundCheckpoint, check_
 from fedlight.core.runlog import RunLog
 from fedlight.core.server import DEFAULT_MAX_NORM_OVER_MEDIAN
 from fedlight.core.storage import check_writable, ensure_dir, release_loggers
-from fedlight.errors import ConfigError
+from fedlight.errors import ConfigError, as_config_error
 from fedlight.features.base import RoundFeature
 from fedlight.privacy.base import Privacy
 from fedlight.privacy.none import NoPrivacy
@@ -155,10 +155,8 @@ class FederatedRound(pl.Callback):
             raise ConfigError("the federation callback needs a FederatedModule and a FederatedDataModule")
         check_trainer(trainer, self.options, dm)
         o = self.options
-        try:
+        with as_config_error():
             self.engine.bind(Population(tuple(dm.client_sizes), dm.batch_size), dm)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
         units = None if o.execution == "steps" else (lambda plan: cast(ClientExecutor, self.executor).units(plan))
         dm.set_planner(self.engine.plan_for, units)
         for callback in (
@@ -182,16 +180,12 @@ class FederatedRound(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
         if trainer.is_global_zero:  # temporaries of writes a killed run left (*.ckpt.tmp, rounds.csv.tmp, exports)
             remove_stale_run_files(self.log_dir(trainer), trainer.ckpt_path)
-        try:
+        with as_config_error():
             self.engine.attach(pl_module)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
-        self._log = RunLog(self.log_dir(trainer), enabled=trainer.is_global_zero)
-        if self.options.execution != "steps":  # the module's training steps become work units of clients
-            try:
+            if self.options.execution != "steps":  # the module's training steps become work units of clients
                 self.executor = ClientExecutor(self.engine, self.options.execution, self.options.group_size, trainer)
-            except ValueError as err:
-                raise ConfigError(str(err)) from err
+        self._log = RunLog(self.log_dir(trainer), enabled=trainer.is_global_zero)
+        if self.executor is not None:
             if self.executor.notice:
                 rank_zero_info(f"[fedlight] {self.executor.notice}")
             pl_module.run_unit = self.executor.run

@@ -73,6 +73,13 @@ def log_row(trainer: pl.Trainer, row: dict[str, Any]) -> None:
 
 def check_trainer(trainer: pl.Trainer, options: Any, dm: Any) -> None:
     """Trainer settings that would break the one-epoch-one-round mapping fail before round 1."""
+    if trainer.world_size > 1:
+        raise ConfigError(
+            f"trainer.devices {trainer.num_devices} x trainer.num_nodes {trainer.num_nodes}: spreading a round's "
+            "clients over several devices or nodes is not supported yet (one process trains every client, so "
+            "Lightning's DDP would average unrelated clients' gradients); use trainer.devices: 1 with "
+            "federation.execution: grouped to fill one device, or the Flower engine (`fedlight flower`) to scale out"
+        )
     if trainer.reload_dataloaders_every_n_epochs != 1:
         raise ConfigError("trainer.reload_dataloaders_every_n_epochs must be 1: each round has its own batches")
     if trainer.limit_train_batches not in (1.0, None):
