@@ -90,6 +90,11 @@ def personal_metrics(
             values.append(client_metric(pl_module, [val[i] for i in shares[k]], key, batch_size))
     finally:
         peft.set_state(model, initial_local)
+    return summarise(values, key)
+
+
+def summarise(values: Sequence[float], key: str) -> dict[str, float]:
+    """The row's ``val_<key>_personal_mean/std/min`` and ``personal_clients`` over per-client values ({} if none)."""
     if not values:
         return {}
     arr = np.asarray(values, dtype=np.float64)

@@ -7,7 +7,7 @@ from typing import ClassVar
 import numpy as np
 
 from fedlight.core.engine import RoundEngine, RoundState
-from fedlight.core.personal import accuracy_key, label_matched_split, personal_metrics
+from fedlight.core.personal import accuracy_key, label_matched_split, personal_metrics, summarise
 from fedlight.core.seeds import resolve_seed
 from fedlight.core.state import State
 from fedlight.features.base import RoundFeature
@@ -86,13 +86,4 @@ class PersonalEvaluation(RoundFeature):
     def _summary(self, engine: RoundEngine, reported: list[dict[str, float]]) -> dict[str, float]:
         """The statistics ``personal_metrics`` computes, over the reported values in client order."""
         key, _ = self._key_and_shares(engine)
-        values = [v["value"] for v in reported if "value" in v]
-        if not values:
-            return {}
-        arr = np.asarray(values, dtype=np.float64)
-        return {
-            f"val_{key}_personal_mean": float(arr.mean()),
-            f"val_{key}_personal_std": float(arr.std()),
-            f"val_{key}_personal_min": float(arr.min()),
-            "personal_clients": float(len(values)),
-        }
+        return summarise([v["value"] for v in reported if "value" in v], key)
