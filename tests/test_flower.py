@@ -648,10 +648,9 @@ def test_map_clients_ignores_bad_identifications(flower_message_env):
 
 
 #: (federation / model / trainer overrides, what the refusal must say): what needs Lightning's step loop,
-#: and personalised evaluation with a base-merging aggregator (a remote client's base lags at evaluation)
+#: and an attack with secure aggregation (crafted updates would need their attackers' own SecAgg parties)
 REFUSED = [
     ({"federation": {"attack": "sign_flip", "malicious_fraction": 0.34, "secure_aggregation": {"class_path": "fedlight.privacy.secure_round.SecureAggregation"}, "aggregator": {"class_path": "fedavg", "init_args": {"weighting": "uniform"}}}}, "masked by the attacker's own"),
-    ({"model": {"peft": {"class_path": "lora", "init_args": {"r": 2}}}, "federation": {"personal_eval_every": 1, "aggregator": "fedex_lora"}}, "brings its base up to date only when it next trains"),
     ({"trainer": {"precision": "bf16-mixed"}}, "precision plugin"),
     ({"optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}, "lr_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1}}}, "stepped by Lightning's loop"),
 ]  # fmt: skip
@@ -700,6 +699,7 @@ def flower_and_fit(tmp_path: Path, cfg: dict, num_clients: int, grid_class=None)
 
 SGD = {"optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.05}}}
 LORA_FED = {"rounds": 3, "clients_per_round": 3, "local_steps": 2, "checkpoint_every": 0}
+LORA_LOCAL = {"class_path": "lora", "init_args": {"r": 2, "head": "local"}}  # local head: per-client state
 
 #: id -> (config overrides, tolerance on the trainable state: 0 = bit-identical)
 FEATURES = {
@@ -738,6 +738,10 @@ FEATURES = {
     "update_norms feature": ({"federation": {"features": [{"class_path": "update_norms"}]}}, 0),
     "fedex_lora (base merging)": ({"model": {"peft": {"class_path": "lora", "init_args": {"r": 2}}}, "federation": {**LORA_FED, "aggregator": "fedex_lora"}}, 1e-6),
     "flora (base merging)": ({"model": {"peft": {"class_path": "lora", "init_args": {"r": 2}}}, "federation": {**LORA_FED, "aggregator": "flora"}}, 1e-6),
+    # personalised evaluation on a merged base: the evaluate message carries the base as of this round
+    # (evaluation_broadcast), so a client evaluates on the base fedlight fit's shared model has then
+    "fedex_lora (base merging) + personal_eval": ({"model": {"peft": LORA_LOCAL}, "federation": {**LORA_FED, "aggregator": "fedex_lora", "personal_eval_every": 1}}, 1e-6),
+    "flora (base merging) + personal_eval": ({"model": {"peft": LORA_LOCAL}, "federation": {**LORA_FED, "aggregator": "flora", "personal_eval_every": 1}}, 1e-6),
 }  # fmt: skip
 
 
@@ -795,6 +799,16 @@ def test_round_feature_on_flower_equals_fedlight_fit(tmp_path, capsys, flower_me
         params = dict(job.module.model.named_parameters())
         fit_params = dict(fit.engine.module.model.named_parameters())
         assert max(float((params[k] - fit_params[k]).abs().max()) for k in merged) <= atol
+    if "base merging" in case and "personal_eval" in case:
+        # the clients' process evaluated last: its base holds the last round's merge too (it trained on
+        # the base before that merge, which is further off than the tolerance)
+        from fedlight_flower import apps
+
+        client_job = apps.get_job(str(tmp_path / "flower.yaml"))
+        client_params = dict(client_job.module.model.named_parameters())
+        assert max(float((client_params[k] - fit_params[k]).abs().max()) for k in merged) <= atol
+        lag = client_job.engine.feature("base_total")._applied  # what it applied == the server's total
+        assert max(float((lag[k] - merged[k]).abs().max()) for k in merged) == 0.0
     with capsys.disabled():
         print(f"\n{case}: max |flower - fit| = {worst:.3g}")
 

@@ -33,14 +33,28 @@ class MergeIntoBase(RoundFeature):
         payload = engine.round.broadcasts.get(self.key, b"")
         engine.round.downlink += len(payload)
         if engine.remote_client and payload:  # a client process of its own: bring its base up to the server's
-            total = engine.client.receive(payload)
-            params = dict(engine.module.model.named_parameters())
-            with torch.no_grad():
-                for name, value in total.items():
-                    applied = self._applied.get(name)
-                    change = value if applied is None else value - applied
-                    params[name].add_(change.to(params[name].device, params[name].dtype))
-            self._applied = total
+            self.apply_broadcast(engine, payload)
+
+    # --- a remote engine's clients hold their own frozen base (Flower) -----------------------------
+
+    def evaluation_broadcast(self, engine: RoundEngine) -> bytes:
+        """Server side, after ``end_round``: the cumulative base change as a client receives it (b"" while
+        nothing is merged). A client evaluating now (personalised evaluation) applies it first, so it
+        evaluates on the base this round's merge produced, as ``fedlight fit``'s shared model does; the
+        base it received when it trained lags by this round's merge (more if it sat rounds out)."""
+        return engine.server.broadcast(self.base_total) if self.base_total else b""
+
+    def apply_broadcast(self, engine: RoundEngine, payload: bytes) -> None:
+        """Client side: add to this process's frozen weights what the broadcast total holds beyond what
+        this process has applied so far (a fresh process has applied nothing, so it adds the whole total)."""
+        total = engine.client.receive(payload)
+        params = dict(engine.module.model.named_parameters())
+        with torch.no_grad():
+            for name, value in total.items():
+                applied = self._applied.get(name)
+                change = value if applied is None else value - applied
+                params[name].add_(change.to(params[name].device, params[name].dtype))
+        self._applied = total
 
     def on_aggregated(self, engine: RoundEngine, round: RoundState, report: AggregationReport, changed: bool) -> None:
         """The one place frozen base weights change; in place (fp32), so a resumed run continues bit-identically."""

@@ -27,8 +27,10 @@ Message protocol (one ``RecordDict`` per message):
   holds it (``hold_update``) and crafts and sends it at ``before_aggregate``, as ``fedlight fit`` does.
 
 * ``evaluate`` server -> each client with state, after ``end_round``, for a round feature that declares
-  ``client_evaluation`` (personalised evaluation): ``fedlight.global`` (the new global state, fp32) and
-  ``fedlight.config`` (``round``, ``client-id``, ``feature``); reply ``fedlight.evaluation`` (MetricRecord,
+  ``client_evaluation`` (personalised evaluation): ``fedlight.global`` (the new global state, fp32),
+  ``fedlight.broadcasts`` (what features send before an evaluation, ``evaluation_broadcast``: the merged
+  base as of this round with a base-merging aggregator; the client applies it with ``apply_broadcast``)
+  and ``fedlight.config`` (``round``, ``client-id``, ``feature``); reply ``fedlight.evaluation`` (MetricRecord,
   the feature's ``client_metrics``) and ``fedlight.info`` (``client-id``).
 * ``query.secagg_keys`` / ``query.secagg_shares`` / ``query.secagg_unmask`` (secure aggregation only): the
   SecAgg steps, each client's party kept in its ``Context.state``; see :mod:`fedlight_flower.secure`.
@@ -77,6 +79,7 @@ NODES_TIMEOUT_KEY = "nodes-timeout"  # run_config: seconds to wait for all Super
 PARTITION_KEY = "partition-id"  # node_config: which fedlight client this SuperNode is
 CONFIG_ENV = "FEDLIGHT_FLOWER_CONFIG"  # fallback for the config path
 STATE_PREFIX = "fedlight.state."
+BROADCASTS_RECORD = "fedlight.broadcasts"  # train and evaluate: features' payloads, one uint8 Array per key
 
 _JOBS: dict[str, FedlightJob] = {}
 
@@ -174,8 +177,8 @@ def client_train(job: FedlightJob, content: RecordDict, context: Context) -> Rec
     else:
         payload = record_to_bytes(content.array_records["fedlight.global"])
     broadcasts = {}
-    if "fedlight.broadcasts" in content.array_records:
-        broadcasts = {k: a.numpy().tobytes() for k, a in content.array_records["fedlight.broadcasts"].items()}
+    if BROADCASTS_RECORD in content.array_records:
+        broadcasts = {k: a.numpy().tobytes() for k, a in content.array_records[BROADCASTS_RECORD].items()}
     lost = (client_id,) if bool(cfg.get("lost", False)) else ()
     plan = RoundPlan(
         round_idx, (client_id,), (client_id,), (steps,), lost=lost, batches=str(cfg.get("batches", "shuffle"))
@@ -239,6 +242,12 @@ def client_evaluate(job: FedlightJob, content: RecordDict, context: Context) -> 
     feature = engine.feature(str(cfg["feature"]))
     if feature is None or not getattr(feature, "client_evaluation", False):
         raise RuntimeError(f"no round feature {cfg['feature']!r} evaluates on the clients in this config")
+    if BROADCASTS_RECORD in content.array_records:  # e.g. the merged base as of this round (base merging)
+        for key, array in content.array_records[BROADCASTS_RECORD].items():
+            owner = engine.feature(key)
+            if owner is None or not callable(getattr(owner, "apply_broadcast", None)):
+                raise RuntimeError(f"evaluate message: no round feature {key!r} takes a broadcast in this config")
+            owner.apply_broadcast(engine, array.numpy().tobytes())
     module.peft.set_state(module.model, dtype_like(record_to_state(content.array_records["fedlight.global"]), module))
     local = _load_client_state(context).get("local")
     values = feature.client_metrics(engine, client_id, dtype_like(local, module) if local else None)
@@ -651,6 +660,19 @@ def _read_evaluation(content: RecordDict) -> dict[str, float]:
     return {str(k): _finite(v, f"{EVALUATION_RECORD}[{k}]") for k, v in record.items()}
 
 
+def evaluation_broadcasts(job: FedlightJob) -> dict[str, bytes]:
+    """What features send a client before it evaluates (``evaluation_broadcast``, by feature key): the server
+    changed more than the global state this round (base merging: the frozen base), and the client's copy
+    must match the server's model that ``fedlight fit`` evaluates; the client applies each with the same
+    feature's ``apply_broadcast``."""
+    engine, found = job.engine, {}
+    for feature in engine.features:
+        make = getattr(feature, "evaluation_broadcast", None)
+        if callable(make) and (payload := make(engine)):
+            found[feature.key] = payload
+    return found
+
+
 def ask_clients_to_evaluate(grid: Grid, job: FedlightJob, node_of: dict[int, int], timeout: float) -> int:
     """After ``end_round``: every feature that evaluates on the clients (``client_evaluation``) asks the
     clients it names (``clients_due``) with the new global state and gets their values (``report``).
@@ -667,11 +689,16 @@ def ask_clients_to_evaluate(grid: Grid, job: FedlightJob, node_of: dict[int, int
         if not clients:
             continue
         state = state_to_record(engine.global_state)  # fp32: exact, whatever the codecs
+        content: dict[str, Any] = {"fedlight.global": state}
+        broadcasts = evaluation_broadcasts(job)
+        if broadcasts:
+            content[BROADCASTS_RECORD] = payloads_to_record(broadcasts)
         requests = {
-            c: {"fedlight.global": state, "fedlight.config": ConfigRecord({"round": r.round, "client-id": c, "feature": feature.key})}
+            c: {**content, "fedlight.config": ConfigRecord({"round": r.round, "client-id": c, "feature": feature.key})}
             for c in clients
         }  # fmt: skip
-        sent += len(clients) * sum(len(a.data) for a in state.values())  # .npy bytes
+        per_client = sum(len(a.data) for a in state.values()) + sum(len(b) for b in broadcasts.values())
+        sent += len(clients) * per_client  # .npy bytes of the state, payload bytes of the broadcasts
         values, refused = ask(grid, job, node_of, r.round, requests, "evaluate", _read_evaluation, timeout)
         for who, reason in refused.items():
             label = who if isinstance(who, str) else f"client {who}"
@@ -760,7 +787,7 @@ def run_server(grid: Grid, job: FedlightJob, out: Path | None, round_timeout: fl
             broadcast = bytes_to_record(r.payload)
         content = {"fedlight.global": broadcast}
         if r.broadcasts:
-            content["fedlight.broadcasts"] = payloads_to_record(r.broadcasts)
+            content[BROADCASTS_RECORD] = payloads_to_record(r.broadcasts)
         privacy_state = _privacy_state(job)
         messages = []
         for c, steps in zip(plan.training, plan.steps, strict=True):

@@ -79,12 +79,6 @@ def check_remote(federation: FederatedRound, trainer: Any) -> None:
                 "never leaves the clients; a feature that declares `client_evaluation` (and its clients_due / "
                 "client_metrics / report) is asked of the clients instead",
             )
-        if engine.server.aggregator.merges_into_base:
-            raise _refuse(
-                f"round feature {feature.name!r} with federation.aggregator {engine.server.aggregator.name!r}",
-                "the clients evaluate after the server merged this round into the frozen base, and a remote "
-                "client brings its base up to date only when it next trains",
-            )
     if trainer.precision not in FP32_PRECISIONS:
         raise _refuse(
             f"trainer.precision {trainer.precision!r}",
