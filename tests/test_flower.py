@@ -647,10 +647,8 @@ def test_map_clients_ignores_bad_identifications(flower_message_env):
         apps.map_clients(Grid(), 3, timeout=1)
 
 
-#: (federation / model / trainer overrides, what the refusal must say): what needs Lightning's step loop,
-#: and an attack with secure aggregation (crafted updates would need their attackers' own SecAgg parties)
+#: (federation / model / trainer overrides, what the refusal must say): what needs Lightning's step loop
 REFUSED = [
-    ({"federation": {"attack": "sign_flip", "malicious_fraction": 0.34, "secure_aggregation": {"class_path": "fedlight.privacy.secure_round.SecureAggregation"}, "aggregator": {"class_path": "fedavg", "init_args": {"weighting": "uniform"}}}}, "masked by the attacker's own"),
     ({"trainer": {"precision": "bf16-mixed"}}, "precision plugin"),
     ({"optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}, "lr_scheduler": {"class_path": "torch.optim.lr_scheduler.StepLR", "init_args": {"step_size": 1}}}, "stepped by Lightning's loop"),
 ]  # fmt: skip
@@ -735,6 +733,16 @@ FEATURES = {
         {"federation": {"secure_aggregation": {"class_path": "fedlight.privacy.secure_round.SecureAggregation"}, "aggregator": {"class_path": "fedavg", "init_args": {"weighting": "uniform"}}, "faults": {"dropout_after": 0.3}}},
         0,
     ),
+    # an attack under secure aggregation: the server's attack feature crafts the malicious updates (jointly,
+    # for alie) and sends each back to its attacker's node, which masks it with its own party (secagg_mask)
+    "sign_flip+secure_aggregation+dropouts": (
+        {"federation": {"attack": "sign_flip", "malicious_fraction": 0.5, "secure_aggregation": {"class_path": "fedlight.privacy.secure_round.SecureAggregation"}, "aggregator": {"class_path": "fedavg", "init_args": {"weighting": "uniform"}}, "faults": {"dropout_after": 0.3}}},
+        0,
+    ),
+    "alie+secure_aggregation (colluding)": (
+        {"federation": {"attack": "alie", "malicious_fraction": 0.5, "secure_aggregation": {"class_path": "fedlight.privacy.secure_round.SecureAggregation"}, "aggregator": {"class_path": "fedavg", "init_args": {"weighting": "uniform"}}}},
+        0,
+    ),
     "update_norms feature": ({"federation": {"features": [{"class_path": "update_norms"}]}}, 0),
     "fedex_lora (base merging)": ({"model": {"peft": {"class_path": "lora", "init_args": {"r": 2}}}, "federation": {**LORA_FED, "aggregator": "fedex_lora"}}, 1e-6),
     "flora (base merging)": ({"model": {"peft": {"class_path": "lora", "init_args": {"r": 2}}}, "federation": {**LORA_FED, "aggregator": "flora"}}, 1e-6),
@@ -779,9 +787,28 @@ def test_round_feature_on_flower_equals_fedlight_fit(tmp_path, capsys, flower_me
 
         assert {"query.secagg_keys", "query.secagg_shares", "query.secagg_unmask"} <= set(grid.sent)
         plans = [fit.engine.plan_for(r) for r in range(1, fit.engine.schedule.rounds + 1)]
-        assert any(p.lost for p in plans) and rows[-1]["uplink_bytes"] > 0
+        assert (any(p.lost for p in plans) or "dropouts" not in case) and rows[-1]["uplink_bytes"] > 0
         assert isinstance(engine.client.session.current(), FlowerSecureRound)
         assert all("fedlight.secagg" in c.state.config_records for c in grid.contexts.values())
+        crafted = sum(len((set(p.training) - set(p.lost)) & fit.malicious) for p in plans)
+        assert grid.sent.count("query.secagg_mask") == crafted  # each crafted update masked on its attacker's node
+        assert crafted > 0 or "attack" not in str(overrides)
+        # a node masks one input per round, and only after holding its own update back: a server asking an
+        # honest client (or an attacker a second time) to mask a vector of its choice would learn the input
+        from fedlight_flower import apps
+        from fedlight_flower.secure import DELTA_RECORD, HELD_KEY, RECORD, client_mask
+
+        client_job, last = apps.get_job(str(tmp_path / "flower.yaml")), plans[-1]
+        zeros = apps.state_to_record({k: torch.zeros_like(v) for k, v in fit.global_state.items()})
+        for c in sorted(set(last.training) - set(last.lost)):  # each masked once in the last round
+            context = grid.contexts[1000 + c]
+            config = ConfigRecord({"round": fit.engine.schedule.rounds, "client-id": c, "u1": list(last.training)})
+            request = RecordDict({RECORD: config, DELTA_RECORD: zeros})
+            with pytest.raises(RuntimeError, match="did not hold its update back"):
+                client_mask(client_job, request, context, c)
+            context.state[HELD_KEY] = ConfigRecord({"round": fit.engine.schedule.rounds, "client-id": c})  # forged
+            with pytest.raises(RuntimeError, match="already masked an input this round"):
+                client_mask(client_job, request, context, c)
     if "personal_eval" in case:  # every round's personal statistics, exactly (accuracies are count ratios)
         keys = [k for k in fit.history[-1] if "personal" in k]
         assert len(keys) == 4 and all(r[k] == h[k] for r, h in zip(rows, fit.history) for k in keys if k in h)

@@ -32,8 +32,8 @@ Message protocol (one ``RecordDict`` per message):
   base as of this round with a base-merging aggregator; the client applies it with ``apply_broadcast``)
   and ``fedlight.config`` (``round``, ``client-id``, ``feature``); reply ``fedlight.evaluation`` (MetricRecord,
   the feature's ``client_metrics``) and ``fedlight.info`` (``client-id``).
-* ``query.secagg_keys`` / ``query.secagg_shares`` / ``query.secagg_unmask`` (secure aggregation only): the
-  SecAgg steps, each client's party kept in its ``Context.state``; see :mod:`fedlight_flower.secure`.
+* ``query.secagg_keys`` / ``query.secagg_shares`` / ``query.secagg_unmask`` (secure aggregation only) and
+  ``query.secagg_mask`` (secure aggregation with an attack: a crafted update to its attacker): the SecAgg steps, each client's party kept in its ``Context.state``; see :mod:`fedlight_flower.secure`.
 
 Client state that fedlight keeps per client between rounds (``local`` tensors for personalisation,
 codec error-feedback ``residual``, SCAFFOLD's ``control``) lives in the node's ``Context.state`` as
@@ -194,7 +194,7 @@ def client_train(job: FedlightJob, content: RecordDict, context: Context) -> Rec
     update, held, client_state = job.train(
         plan, payload, broadcasts, _load_client_state(context), int(cfg["seed"]), int(cfg["data-seed"])
     )
-    secure.after_training(job)
+    secure.after_training(job, held is not None)
     _save_client_state(context, client_state)
     round = engine.round
     losses = [float(x) for x in round.losses]
@@ -283,6 +283,16 @@ def build_client_app(config: str | None = None) -> ClientApp:
 
     for action in ("secagg_keys", "secagg_shares", "secagg_unmask"):
         secagg(action)
+
+    @app.query("secagg_mask")
+    def secagg_mask(msg: Message, context: Context) -> Message:
+        from fedlight_flower.secure import RECORD, client_mask
+
+        client_id = int(msg.content.config_records[RECORD]["client-id"])
+        if _partition(context) != client_id:
+            raise RuntimeError(f"message for fedlight client {client_id} reached another partition's node")
+        job = get_job(_config_path(context, config))
+        return Message(client_mask(job, msg.content, context, client_id), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

@@ -52,13 +52,6 @@ def check_remote(federation: FederatedRound, trainer: Any) -> None:
     ``federation:`` options were validated when the callback was built).
     """
     o = federation.options
-    if o.secure_aggregation is not None and o.attack is not None:
-        raise _refuse(
-            f"federation.attack {o.attack.name!r} with federation.secure_aggregation",
-            "the malicious clients' updates are crafted by the ServerApp's attack feature (the colluding "
-            "attackers' coordinator), and under secure aggregation each must be masked by the attacker's own "
-            "SecAgg party, which lives on its node; the bridge does not send crafted updates back to be masked",
-        )
     privacy = o.privacy
     in_training = privacy.per_sample or type(privacy).on_client_start is not Privacy.on_client_start
     if in_training and not callable(getattr(privacy, "record_steps", None)):

@@ -9,6 +9,11 @@ client pipeline at ``begin_round`` through ``SecureSession.make_round``) and eac
   bundles (Shamir shares of its mask seed and key, one per peer, opaque to the server);
 * ``train``               carries the bundles routed to the client and the share-holding set U1; the
   client trains and its pipeline sends only the masked ring vector;
+* ``query.secagg_mask``   (with an attack only) server -> a malicious client whose update it held back:
+  the update the server's attack feature crafted for it (colluding attackers, coordinated by the
+  ServerApp, as in ``fedlight fit``) and U1; the client masks it with its own party, as its ``train``
+  reply would have been, and replies the masked vector. A node masks at most one input per round, and
+  only when it held its own update back this round (masking a second vector would reveal the first);
 * ``query.secagg_unmask`` server -> each survivor: the survivor list; reply the shares to reveal.
 
 Between messages a client's party is in its node's ``Context.state`` (``fedlight.secagg``, a ConfigRecord):
@@ -23,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ConfigRecord, Context, RecordDict
 
 from fedlight.core.server import AggregationReport
+from fedlight.core.state import State
+from fedlight.core.update import ClientUpdate
 from fedlight.privacy.secure_agg import SecAggClient
 from fedlight.privacy.secure_round import SecureRound
 
@@ -32,6 +39,8 @@ if TYPE_CHECKING:
     from fedlight_flower.job import FedlightJob
 
 STATE_KEY = "fedlight.secagg"  # the client's party, in its Context.state
+HELD_KEY = "fedlight.secagg.held"  # Context.state: this round's update was held back (the mask step may run)
+DELTA_RECORD = "fedlight.secagg.delta"  # secagg_mask request: the crafted update (fp32 arrays)
 RECORD = "fedlight.secagg"  # protocol payloads in requests and replies
 SHARE_LEN = 66  # one GF(2^521 - 1) element
 
@@ -72,11 +81,22 @@ class FlowerSecureRound(SecureRound):
         if self.failure is None:
             self.exchange_keys(self._advertise, self._share)
 
-    def _ask(self, clients: list[int], action: str, payload: dict[int, dict], read: Any) -> dict[int, Any]:
+    def _ask(
+        self,
+        clients: list[int],
+        action: str,
+        payload: dict[int, dict],
+        read: Any,
+        records: dict[str, Any] | None = None,
+    ) -> dict[int, Any]:
         from fedlight_flower.apps import _log, ask
 
         requests = {
-            c: {RECORD: ConfigRecord({"round": self.round_idx, "client-id": c, **payload.get(c, {})})} for c in clients
+            c: {
+                RECORD: ConfigRecord({"round": self.round_idx, "client-id": c, **payload.get(c, {})}),
+                **(records or {}),
+            }
+            for c in clients
         }
         answers, refused = ask(
             self.grid, self.job, self.node_of, self.round_idx, requests, f"query.{action}", read, self.timeout
@@ -110,6 +130,32 @@ class FlowerSecureRound(SecureRound):
         routed = self.server.bundles_for(client_id) if self.failure is None else {}
         u1 = list(self.server.u1) if self.failure is None else []
         return {"from": sorted(routed), "bundles": [routed[v] for v in sorted(routed)], "u1": u1}
+
+    def client_update(
+        self, client_id: int, delta: State, num_examples: int, metrics: dict[str, float]
+    ) -> ClientUpdate | None:
+        """Server side, a late send (the attack feature's ``before_aggregate``): the update crafted for a
+        malicious client goes to that client's node to be masked with its own party (``secagg_mask``), since
+        this process holds no client's secrets. None, as a client that sends nothing, when the round failed,
+        the client is not in U1, its node refuses or does not answer, or the update is not finite."""
+        if self.failure is not None or client_id not in self.server.u1:
+            return None
+        from fedlight_flower.apps import state_to_record
+
+        def read(content: RecordDict) -> bytes:
+            masked = content.config_records[RECORD].get("masked", b"")  # absent: not finite, not sent
+            if not isinstance(masked, bytes) or len(masked) not in (0, 4 * self.dim):
+                raise ValueError(f"masked: not {4 * self.dim} bytes")
+            return masked
+
+        request = {"u1": list(self.server.u1)}
+        if self.clip_norm is not None:  # the bound the server's quantizer was built for (an adaptive clip moves)
+            request["clip-norm"] = float(self.clip_norm)
+        answers = self._ask(
+            [client_id], "secagg_mask", {client_id: request}, read, {DELTA_RECORD: state_to_record(delta)}
+        )
+        masked = answers.get(client_id)
+        return ClientUpdate(client_id, num_examples, masked, dict(metrics)) if masked else None
 
     def reveal(self, survivors: list[int]) -> dict[int, dict[str, dict[int, int]]]:
         u1 = set(self.server.u1)
@@ -209,9 +255,43 @@ def client_round(job: FedlightJob, content: RecordDict, context: Context, client
     return ""
 
 
-def after_training(job: FedlightJob) -> None:
-    """Keep the party (now holding its masked set) for the unmask step."""
-    held = getattr(job, "secure_party", None)
-    if held is not None:
-        _save(*held)
+def after_training(job: FedlightJob, held: bool = False) -> None:
+    """Keep the party (now holding its masked set) for the unmask step; ``held``: a feature held this
+    client's update back (a malicious client), so the server may send it its crafted update to mask."""
+    secure_party = getattr(job, "secure_party", None)
+    if secure_party is not None:
+        context, party = secure_party
+        _save(context, party)
+        if held:
+            context.state[HELD_KEY] = ConfigRecord({"round": job.engine.round.round, "client-id": party.id})
+        elif HELD_KEY in context.state.config_records:
+            del context.state[HELD_KEY]
         job.secure_party = None
+
+
+def client_mask(job: FedlightJob, content: RecordDict, context: Context, client_id: int) -> RecordDict:
+    """``secagg_mask`` on the client: mask the update the server crafted for it (a malicious client whose
+    training reply held its update back), with its own party, as its ``train`` reply would have been."""
+    from fedlight_flower.apps import record_to_state
+    from fedlight_flower.job import dtype_like
+
+    cfg = content.config_records[RECORD]
+    round_idx = int(cfg["round"])
+    marker = context.state.config_records.get(HELD_KEY)
+    if marker is None or int(marker["round"]) != round_idx or int(marker["client-id"]) != client_id:
+        raise RuntimeError(f"client {client_id} did not hold its update back in round {round_idx}: nothing to mask")
+    party = _load(context, client_id)
+    if "masked-set" in party.to_state():  # a second masked vector with the same masks reveals the first
+        raise RuntimeError(f"client {client_id}'s secure-aggregation party already masked an input this round")
+    del context.state[HELD_KEY]  # once per round
+    delta = dtype_like(record_to_state(content.array_records[DELTA_RECORD], job.shared_names), job.module)
+    pipeline, u1 = job.engine.client, [int(v) for v in cfg["u1"]]
+    clip = float(cfg["clip-norm"]) if "clip-norm" in cfg else None
+    secure = SecureRound(
+        pipeline.session.config, delta, u1, party.session, clip, job.engine.schedule.clients_per_round, simulate=False
+    )
+    secure.join(party, u1)
+    update = secure.client_update(client_id, delta, 0, {})
+    _save(context, party)  # its masked set, for the unmask step
+    reply = {"masked": update.payload} if update is not None else {}
+    return RecordDict({RECORD: ConfigRecord(reply), "fedlight.info": _info(client_id)})
