@@ -572,6 +572,64 @@ def _secagg_edit(change):
     return tamper
 
 
+#: hostile answers to a `secagg_mask` request (a crafted update sent back to its attacker's node to mask)
+MASK_CASES = [
+    ("no reply", lambda m, r, g: []),
+    ("error reply", lambda m, r, g: [Message(Error(code=0, reason="boom"), reply_to=m)]),
+    ("masked vector cut short", _secagg_edit(lambda v, g: v.__setitem__("masked", v["masked"][: g.randrange(len(v["masked"]))]))),
+    ("masked vector as a string", _secagg_edit(lambda v, g: v.__setitem__("masked", v["masked"].hex()))),
+    ("claims another client", lambda m, r, g: [_tampered(m, r, fedlight_info=ConfigRecord({"client-id": (int(r.content.config_records["fedlight.info"]["client-id"]) + 1) % 4}))]),
+]  # fmt: skip
+
+
+def test_mask_replies_are_screened(tmp_path, capsys, flower_message_env):
+    """An attack under secure aggregation: a hostile or missing answer to the mask step (every case, one
+    per round in a seeded order) leaves that attacker's update out, as a client that sent nothing; its masks are
+    then removed with its revealed key like a dropout's, so the round still aggregates the rest."""
+    from fedlight_flower import apps
+    from fedlight_flower.job import FedlightJob
+
+    rounds = len(MASK_CASES)
+    cfg = flower_config(
+        tmp_path,
+        data={"num_clients": 4},
+        federation={
+            "rounds": rounds, "clients_per_round": 4, "local_steps": 1, "eval_before_training": False,
+            "attack": "sign_flip", "malicious_fraction": 0.5,
+            "secure_aggregation": {"class_path": "fedlight.privacy.secure_round.SecureAggregation"},
+            "aggregator": {"class_path": "fedavg", "init_args": {"weighting": "uniform"}},
+        },
+    )  # fmt: skip
+    config = write(cfg, tmp_path / "flower.yaml")
+    cases = random.Random(5).sample(MASK_CASES, k=rounds)  # every case, in a seeded order
+
+    class Grid(InMemoryGrid):
+        def deliver(self, msg, reply):
+            if msg.metadata.message_type != "query.secagg_mask":
+                return [reply]
+            record = msg.content.config_records["fedlight.secagg"]
+            round_idx, client = int(record["round"]), int(record["client-id"])
+            if client == min(malicious):
+                return cases[round_idx - 1][1](msg, reply, random.Random(hash((round_idx, client))))
+            return [reply]
+
+    job = FedlightJob(config)
+    malicious = job.engine.feature("malicious_clients").malicious
+    assert len(malicious) == 2
+    grid = Grid(apps.build_client_app(str(config)), 4, {})
+    state = apps.run_server(grid, job, tmp_path / "out", 60, 5)
+    rows = yaml.safe_load((tmp_path / "out" / "rounds.json").read_text())
+    log = capsys.readouterr().out
+    assert grid.sent.count("query.secagg_mask") == 2 * rounds  # both attackers asked every round
+    assert [(r["num_clients"], r["failed"], r["rejected"]) for r in rows] == [(3, 1, 0)] * rounds
+    reasons = [line.split("secagg_mask: ", 1)[1] for line in log.splitlines() if "secure aggregation secagg_mask" in line]
+    assert len(reasons) == rounds  # why, each time
+    assert job.engine.round.failed == {min(malicious): "secure aggregation: its node did not mask the crafted update (see the log)"}
+    assert all(torch.isfinite(v).all() for v in state.values())
+    with capsys.disabled():
+        print(f"\nmask step cases {[c for c, _ in cases]}: {reasons}")
+
+
 #: (step, tamper): a hostile answer to one SecAgg step, seeded; each leaves that client out of the step
 SECAGG_CASES = [
     ("query.secagg_keys", _secagg_edit(lambda v, g: v.__setitem__("keys", [k[: g.randrange(32)] for k in v["keys"]]))),

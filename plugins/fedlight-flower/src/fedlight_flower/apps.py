@@ -839,6 +839,8 @@ def run_server(grid: Grid, job: FedlightJob, out: Path | None, round_timeout: fl
         r.clients_done = len(plan.training)
         charge_private_steps(job)
         engine.end_round()
+        if session is not None:  # a crafted update its attacker's node did not mask (secagg_mask)
+            r.failed.update(getattr(session.current(), "unmasked", {}))
         for who, reason in r.report.rejected.items():
             label = who if isinstance(who, str) else f"client {who}"
             _log(f"round {round_idx}: rejected reply of {label}: {reason}")

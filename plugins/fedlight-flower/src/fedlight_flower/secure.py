@@ -78,6 +78,8 @@ class FlowerSecureRound(SecureRound):
         self.grid, self.job, self.node_of, self.timeout = grid, job, node_of, timeout
         super().__init__(*args, **kwargs, simulate=False)
         self.round_idx = job.engine.round.round  # begin_round planned the round before the pipeline's set-up
+        #: crafted updates whose attacker's node did not mask them: client id -> why (the round's ``failed``)
+        self.unmasked: dict[int, str] = {}
         if self.failure is None:
             self.exchange_keys(self._advertise, self._share)
 
@@ -155,6 +157,8 @@ class FlowerSecureRound(SecureRound):
             [client_id], "secagg_mask", {client_id: request}, read, {DELTA_RECORD: state_to_record(delta)}
         )
         masked = answers.get(client_id)
+        if masked is None:  # the pipeline's own refusal text assumes a non-finite update; say what happened
+            self.unmasked[client_id] = "secure aggregation: its node did not mask the crafted update (see the log)"
         return ClientUpdate(client_id, num_examples, masked, dict(metrics)) if masked else None
 
     def reveal(self, survivors: list[int]) -> dict[int, dict[str, dict[int, int]]]:
