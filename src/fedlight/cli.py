@@ -234,8 +234,6 @@ def quiet_lightning() -> None:
     if not any(isinstance(f, _DropTips) for f in log.filters):
         log.addFilter(_DropTips())
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    # federation.execution sequential/grouped: the engine trains inside the step, Lightning's is empty
-    warnings.filterwarnings("ignore", message="`training_step` returned `None`")
 
 
 def run_cli(args: list[str] | None = None, run: bool = True):

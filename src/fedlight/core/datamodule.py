@@ -45,6 +45,19 @@ def collate_with_client(collate: Callable[[list[Example]], dict[str, Any]], exam
     return batch
 
 
+class _Examples(torch.utils.data.IterableDataset):
+    """A list of examples as an iterable dataset (Lightning does not shard iterable datasets over ranks)."""
+
+    def __init__(self, examples: Sequence[Example]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __iter__(self) -> Iterator[Example]:
+        return iter(self.examples)
+
+
 def _as_is(item: Any) -> Any:
     return item
 
@@ -87,7 +100,7 @@ class RoundBatchSampler(Sampler[list[tuple[int, int]]]):
             pos += size
 
 
-class RoundUnits(torch.utils.data.Dataset):
+class RoundUnits(torch.utils.data.IterableDataset):
     """A round as work units for the engine's executors (``federation.execution`` other than ``steps``).
 
     Item ``u`` is ``{"unit": [(client id, [collated batch of each local step]), ...]}``: one client
@@ -107,7 +120,11 @@ class RoundUnits(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.units)
 
-    def __getitem__(self, u: int) -> dict[str, Any]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # iterable: Lightning never re-samples it (on several devices each rank's units are its own already)
+        return (self.unit(u) for u in range(len(self.units)))
+
+    def unit(self, u: int) -> dict[str, Any]:
         plan, out = self.sampler.plan, []
         for k in self.units[u]:
             client = plan.training[k]
@@ -215,6 +232,8 @@ class FederatedDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         val = cast(torch.utils.data.Dataset, list(self.data_splits.val))  # a list is a map-style dataset
+        if self.trainer is not None and self.trainer.world_size > 1:  # every rank validates the same global model
+            val = _Examples(self.data_splits.val)  # on all of it, so no rank's metrics depend on a shard
         return DataLoader(val, batch_size=self.eval_batch_size, collate_fn=self._task_collate())
 
     def test_dataloader(self) -> DataLoader:

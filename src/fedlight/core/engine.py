@@ -89,6 +89,8 @@ class RoundState:
     rejected: dict[int, str] = field(default_factory=dict)
     downlink: int = 0
     losses: list[float] = field(default_factory=list)
+    #: each finished client's local losses (what ``losses`` concatenates, in finishing order)
+    client_losses: dict[int, list[float]] = field(default_factory=dict)
     clients_done: int = 0
     #: ``payload`` decoded once per round (every client of the round receives the same bytes)
     received: State | None = None
@@ -339,6 +341,7 @@ class RoundEngine:
         self.current = None
         r.clients_done += 1
         r.losses.extend(run.losses)
+        r.client_losses[run.client_id] = run.losses
         if run.client_id in r.failed or run.client_id in r.plan.lost:
             return None  # a crashed client, or one whose update never arrives
         module = self.module
@@ -373,6 +376,35 @@ class RoundEngine:
                 self.server.remember(update.payload, self.client.sent_state)
             self.round.updates.append(update)
         return update
+
+    def round_part(self) -> dict[str, Any]:
+        """What this process's clients produced this round, for an engine spread over processes (DDP ranks):
+        every rank's parts merged with :meth:`merge_round_parts` make each rank's round the one-process round."""
+        r = self.round
+        trained = list(r.client_losses)
+        return {
+            "updates": r.updates, "failed": r.failed, "rejected": r.rejected, "losses": r.client_losses,
+            "downlink": r.downlink, "clients_done": r.clients_done,
+            "store": {c: self.client_store[c] for c in trained if c in self.client_store},
+            "features": {f.key: f.round_part(self, r) for f in self.features},
+        }  # fmt: skip
+
+    def merge_round_parts(self, parts: list[dict[str, Any]]) -> None:
+        """Every process's :meth:`round_part` (this one's included), in plan order as one process would have them."""
+        r = self.round
+        position = {c: i for i, c in enumerate(r.plan.training)}
+        r.updates = sorted((u for p in parts for u in p["updates"]), key=lambda u: position.get(u.client_id, -1))
+        losses = {c: ls for p in parts for c, ls in p["losses"].items()}
+        r.client_losses = {c: losses[c] for c in sorted(losses, key=lambda c: position.get(c, -1))}
+        r.losses = [loss for ls in r.client_losses.values() for loss in ls]
+        r.failed = {c: e for p in parts for c, e in p["failed"].items()}
+        r.rejected = {c: e for p in parts for c, e in p["rejected"].items()}
+        r.downlink = sum(p["downlink"] for p in parts)
+        r.clients_done = sum(p["clients_done"] for p in parts)
+        for p in parts:
+            self.client_store.update(p["store"])
+        for feature in self.features:
+            feature.merge_round_parts(self, r, [p["features"][feature.key] for p in parts])
 
     def end_round(self) -> RoundState:
         """The server pipeline on the round's updates; the new global state is loaded into the model."""

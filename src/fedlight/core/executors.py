@@ -64,6 +64,9 @@ class ClientExecutor:
     def __init__(self, engine: RoundEngine, execution: str, group_size: int | str, trainer: Any) -> None:
         check_trainer(execution, trainer)
         self.engine, self.trainer = engine, trainer
+        # Lightning must not step an optimizer of its own (the executor's are per client), and under DDP a
+        # step that returns None is only allowed in manual optimisation
+        engine.module.automatic_optimization = False
         self.execution, self.group_size = execution, group_size
         self.notice: str | None = None
         self.grouped: GroupedTrainer | None = None
@@ -78,11 +81,29 @@ class ClientExecutor:
                 self.grouped = GroupedTrainer(engine)
 
     def units(self, plan: RoundPlan) -> list[list[int]]:
-        """Positions in ``plan.training`` of each work unit: one client, or consecutive groups (plan order)."""
-        n = len(plan.training)
+        """Positions in ``plan.training`` of this process's work units: one client, or consecutive groups (plan
+        order); on several devices only this rank's clients (:func:`~fedlight.core.distributed.assign_ranks`),
+        and a rank without clients gets one empty unit (every rank must reach the round's end)."""
+        world = self.trainer.world_size
+        positions = list(range(len(plan.training)))
+        if world > 1:
+            from fedlight.core.distributed import assign_ranks
+
+            positions = assign_ranks(plan, world)[self.trainer.global_rank]
         size = 1 if self.execution == "sequential" else (AUTO_GROUP if self.group_size == "auto" else self.group_size)
         assert isinstance(size, int)
-        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+        return [positions[i : i + size] for i in range(0, len(positions), size)] or [[]]
+
+    def end_round(self) -> None:
+        """Step the epoch-interval schedulers once per round, as Lightning's automatic optimisation would."""
+        trainer = self.trainer
+        for config in trainer.lr_scheduler_configs:
+            if config.interval != "epoch" or trainer.current_epoch % config.frequency:
+                continue
+            if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                config.scheduler.step(float(trainer.callback_metrics[config.monitor]))
+            else:
+                config.scheduler.step()
 
     def _optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
         """A fresh client optimizer at the learning rate the run's (scheduled) optimizer has now."""
@@ -94,6 +115,8 @@ class ClientExecutor:
 
     def run(self, unit: Sequence[tuple[int, Sequence[dict[str, Any]]]]) -> None:
         """Train one work unit's clients (their updates go to the engine); a client that raises is excluded."""
+        if not unit:
+            return
         failed = set(self.engine.round.failed)
         self._train(unit)
         for client, error in self.engine.round.failed.items():

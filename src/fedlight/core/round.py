@@ -22,6 +22,7 @@ from fedlight.codecs.base import Codec
 from fedlight.codecs.identity import IdentityCodec
 from fedlight.core.checkpoint import AtomicCheckpointIO, capture_rng, restore_rng
 from fedlight.core.datamodule import FederatedDataModule
+from fedlight.core.distributed import gather_round
 from fedlight.core.engine import Population
 from fedlight.core.executors import ClientExecutor
 from fedlight.core.faults import ClientFaults
@@ -148,8 +149,9 @@ class FederatedRound(pl.Callback):
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if stage != "fit":
             return
+        log_dir = self.log_dir(trainer)  # on every rank: trainer.log_dir is a collective under DDP
         if trainer.is_global_zero:  # a read-only, full or blocked log directory fails now, before round 1
-            check_writable(self.log_dir(trainer))
+            check_writable(log_dir)
         dm = trainer.datamodule
         if not isinstance(dm, FederatedDataModule) or not isinstance(pl_module, FederatedModule):
             raise ConfigError("the federation callback needs a FederatedModule and a FederatedDataModule")
@@ -178,8 +180,9 @@ class FederatedRound(pl.Callback):
         release_loggers(trainer, exception)  # so a StorageError is the one message the run ends with
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+        log_dir = self.log_dir(trainer)
         if trainer.is_global_zero:  # temporaries of writes a killed run left (*.ckpt.tmp, rounds.csv.tmp, exports)
-            remove_stale_run_files(self.log_dir(trainer), trainer.ckpt_path)
+            remove_stale_run_files(log_dir, trainer.ckpt_path)
         with as_config_error():
             self.engine.attach(pl_module)
             if self.options.execution != "steps":  # the module's training steps become work units of clients
@@ -192,9 +195,10 @@ class FederatedRound(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
         engine = self.engine
+        log_dir = self.log_dir(trainer)
         if trainer.current_epoch == 0 and not engine.history and trainer.is_global_zero:
             manifest = build_manifest(pl_module, engine.client.uplink, engine.client.downlink)
-            write_manifest(manifest, self.log_dir(trainer) / "manifest.json")
+            write_manifest(manifest, log_dir / "manifest.json")
             rank_zero_info(format_manifest(manifest))
         if trainer.current_epoch == 0 and not engine.history and self.options.eval_before_training:
             engine.append_row({"round": 0, "num_clients": 0, **pl_module.evaluate(trainer.datamodule.val_dataloader())})
@@ -233,6 +237,8 @@ class FederatedRound(pl.Callback):
         if batch_idx == trainer.num_training_batches - 1:
             if engine.current is not None:  # steps: the last client is still current
                 engine.finish_client()
+            if trainer.world_size > 1:  # every rank's clients' updates and state, on every rank
+                gather_round(engine, trainer.world_size)
             r = engine.end_round()
             for client_id, reason in (r.report.rejected if r.report else {}).items():
                 rank_zero_info(f"[fedlight] round {r.round}: rejected update of client {client_id}: {reason}")
@@ -240,6 +246,8 @@ class FederatedRound(pl.Callback):
                 rank_zero_warn(f"[fedlight] round {r.round}: {r.skipped}; round skipped, global model unchanged")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
+        if self.executor is not None:
+            self.executor.end_round()
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_") and v.numel() == 1}
         row = self.engine.round_row(metrics)
         self.run_log.write(self.engine.history, pl_module, self.engine.round.round)

@@ -53,8 +53,10 @@ class AdapterExport(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         r = self.federation.engine.round.round
-        if _due(self.every, r, self.federation.rounds) and trainer.is_global_zero:
-            out = self.federation.log_dir(trainer) / "adapters" / f"round-{r:04d}"
+        if not _due(self.every, r, self.federation.rounds):
+            return
+        out = self.federation.log_dir(trainer) / "adapters" / f"round-{r:04d}"  # every rank: a collective
+        if trainer.is_global_zero:
             export_adapter(pl_module, out, merged=self.merged, base_delta=self.federation.engine.frozen_changes())
 
 
@@ -71,15 +73,37 @@ def log_row(trainer: pl.Trainer, row: dict[str, Any]) -> None:
         logger.save()
 
 
+def check_devices(trainer: pl.Trainer, options: Any) -> None:
+    """Several devices/nodes: only what spreads a round's clients over ranks exactly (``core/distributed.py``)."""
+    from fedlight.core.distributed import STRATEGY, FederatedDDPStrategy
+
+    where = f"trainer.devices {trainer.num_devices} x trainer.num_nodes {trainer.num_nodes}"
+    if not isinstance(trainer.strategy, FederatedDDPStrategy):
+        raise ConfigError(
+            f"{where} with trainer.strategy {type(trainer.strategy).__name__}: set trainer.strategy: {STRATEGY} "
+            "(each rank trains its own clients; Lightning's ddp would average unrelated clients' gradients, and "
+            "FSDP/DeepSpeed shard a model whose trainable part changes with every client). To scale out over "
+            "machines, use the Flower engine (`fedlight flower`)"
+        )
+    if options.execution == "steps":
+        raise ConfigError(f"{where}: set federation.execution: sequential or grouped (work units of whole clients)")
+    if options.clients_per_round < trainer.world_size:
+        raise ConfigError(
+            f"{where}: federation.clients_per_round ({options.clients_per_round}) is less than the "
+            f"{trainer.world_size} ranks; use fewer devices or sample more clients"
+        )
+    if options.privacy.per_sample:
+        raise ConfigError(f"{where}: federation.privacy {options.privacy.name!r} counts private steps on the rank "
+                          "that runs them; use trainer.devices: 1 (or dp_fedavg)")  # fmt: skip
+    if options.secure_aggregation is not None:
+        raise ConfigError(f"{where}: federation.secure_aggregation draws each party's secrets on its rank; use "
+                          "trainer.devices: 1 or the Flower engine")  # fmt: skip
+
+
 def check_trainer(trainer: pl.Trainer, options: Any, dm: Any) -> None:
     """Trainer settings that would break the one-epoch-one-round mapping fail before round 1."""
     if trainer.world_size > 1:
-        raise ConfigError(
-            f"trainer.devices {trainer.num_devices} x trainer.num_nodes {trainer.num_nodes}: spreading a round's "
-            "clients over several devices or nodes is not supported yet (one process trains every client, so "
-            "Lightning's DDP would average unrelated clients' gradients); use trainer.devices: 1 with "
-            "federation.execution: grouped to fill one device, or the Flower engine (`fedlight flower`) to scale out"
-        )
+        check_devices(trainer, options)
     if trainer.reload_dataloaders_every_n_epochs != 1:
         raise ConfigError("trainer.reload_dataloaders_every_n_epochs must be 1: each round has its own batches")
     if trainer.limit_train_batches not in (1.0, None):

@@ -43,6 +43,13 @@ class MaliciousClients(RoundFeature):
         self._held.append((client.client_id, client.start, trained))  # attackers collude at round end
         return True
 
+    def round_part(self, engine: RoundEngine, round: RoundState) -> Any:
+        return self._held
+
+    def merge_round_parts(self, engine: RoundEngine, round: RoundState, parts: list[Any]) -> None:
+        position = {c: i for i, c in enumerate(round.plan.training)}
+        self._held = sorted((h for part in parts for h in part), key=lambda h: position[h[0]])
+
     def before_aggregate(self, engine: RoundEngine, round: RoundState) -> None:
         if not self._held:
             return

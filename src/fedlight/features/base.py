@@ -20,6 +20,8 @@ the base, personalised evaluation and the privacy-budget stop are each one modul
 ``on_aggregated``  after the server pipeline (``changed``: the global model moves this round)
 ``round_metrics``  values for the round's row in rounds.csv
 ``stop_reason``    after each round: a reason to stop the run, or None
+``round_part``     (several processes) this process's share of the round's scratch state, merged on
+                   every process by ``merge_round_parts`` before ``before_aggregate``
 =================  ==============================================================================
 
 State: ``state_dict`` / ``load_state_dict`` under the feature's own ``key`` in the round checkpoint.
@@ -104,6 +106,14 @@ class RoundFeature(Plugin):
     def stop_reason(self, engine: RoundEngine) -> str | None:
         """A reason to stop the run after this round, or None."""
         return None
+
+    def round_part(self, engine: RoundEngine, round: RoundState) -> Any:
+        """This process's share of the feature's round scratch state, when a round's clients are spread over
+        processes (DDP ranks); every process then gets all shares in :meth:`merge_round_parts`."""
+        return None
+
+    def merge_round_parts(self, engine: RoundEngine, round: RoundState, parts: list[Any]) -> None:
+        """Every process's :meth:`round_part` (in rank order), before ``before_aggregate``."""
 
     def frozen_changes(self) -> State:
         """Changes this feature made to frozen weights (exports must carry them), by parameter name."""
