@@ -150,7 +150,7 @@ class FlowerSecureRound(SecureRound):
                 raise ValueError(f"masked: not {4 * self.dim} bytes")
             return masked
 
-        request = {"u1": list(self.server.u1)}
+        request: dict[str, Any] = {"u1": list(self.server.u1)}
         if self.clip_norm is not None:  # the bound the server's quantizer was built for (an adaptive clip moves)
             request["clip-norm"] = float(self.clip_norm)
         answers = self._ask(
