@@ -295,17 +295,3 @@ def test_an_epoch_scheduler_moves_the_learning_rate_per_round_in_every_execution
         return c
 
     _assert_equal_runs(_runs(tmp_path, cfg))
-
-
-@pytest.mark.parametrize(("devices", "num_nodes"), [(2, 1), (1, 2), (4, 2)])
-def test_several_devices_or_nodes_are_refused_before_round_1_with_what_to_use(devices, num_nodes):
-    # until a round's clients are spread over ranks, DDP would average unrelated clients' gradients
-    import lightning.pytorch as pl
-
-    from fedlight.core.round_callbacks import check_trainer
-
-    trainer = pl.Trainer(accelerator="cpu", devices=devices, num_nodes=num_nodes, strategy="ddp", logger=False)
-    with pytest.raises(
-        ConfigError, match=r"not supported yet .* federation.execution: grouped .* \(`fedlight flower`\)"
-    ):
-        check_trainer(trainer, None, None)

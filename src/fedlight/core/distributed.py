@@ -37,7 +37,10 @@ class FederatedDDPStrategy(DDPStrategy):
 
 if STRATEGY not in StrategyRegistry:
     StrategyRegistry.register(
-        STRATEGY, FederatedDDPStrategy, description="fedlight: a round's clients spread over DDP ranks", start_method="popen"
+        STRATEGY,
+        FederatedDDPStrategy,
+        description="fedlight: a round's clients spread over DDP ranks",
+        start_method="popen",
     )
 
 
