@@ -23,7 +23,8 @@ loaders, hooks, validation), the first round left out (it carries set-up). Workl
   batch 16 per round vs one centralized step of batch 128; skipped without CUDA.
 
     OMP_NUM_THREADS=1 python benchmarks/simulation_speed.py [--workloads vit100,vit1000,quickstart]
-        [--rounds 4] [--threads 1] [--flower] [--device cpu|cuda]
+        [--rounds 4] [--threads 1] [--executions steps,sequential,grouped] [--flower] [--device cpu|cuda]
+        [--devices 1,2]   # instead: round time on 1 vs 2 processes (trainer.strategy fedlight_ddp)
 """
 
 from __future__ import annotations
@@ -253,6 +254,33 @@ def run_workload(name: str, cfg: dict, tmp: Path, args) -> list[str]:
     return rows
 
 
+def devices_rows(name: str, cfg: dict, tmp: Path, args) -> list[str]:
+    """``fedlight fit`` as a subprocess on 1 and on N devices (``fedlight_ddp``, one process per device, each
+    with ``--threads`` threads): the median ``round_time_s`` of rounds 2.. from each run's rounds.csv."""
+    import csv
+
+    execution = next((e for e in args.executions.split(",") if e != "steps"), "sequential")
+    times: dict[int, float] = {}
+    for devices in [int(d) for d in args.devices.split(",")]:
+        run_cfg = copy.deepcopy(cfg)
+        run_cfg["federation"]["execution"] = execution
+        run_cfg["trainer"]["devices"] = devices
+        if devices > 1:
+            run_cfg["trainer"]["strategy"] = "fedlight_ddp"
+        out = tmp / f"{name}-devices{devices}"
+        run_cfg["trainer"]["logger"]["init_args"]["save_dir"] = str(out / "runs")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(run_cfg))
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        subprocess.run([sys.executable, "-m", "fedlight", "fit", "--config", str(out / "config.yaml")], env=env,
+                       check=True, capture_output=True)  # fmt: skip
+        (rounds_csv,) = list((out / "runs").rglob("rounds.csv"))
+        with rounds_csv.open() as f:
+            times[devices] = median([float(r["round_time_s"]) for r in csv.DictReader(f) if int(r["round"]) >= 2])
+    base = times[min(times)]
+    return [f"| {name} | {execution} | {d} | {t:.3f} | **{base / t:.2f}x** |" for d, t in times.items()]
+
+
 def _global_state(cli):
     from fedlight.core.round import FederatedRound
 
@@ -289,6 +317,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="rounds per run (the first is not timed)")
     parser.add_argument("--repeat", type=int, default=2, help="alternating plain/fedlight runs per workload")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (and OMP_NUM_THREADS)")
+    parser.add_argument("--devices", default=None, help="e.g. 1,2: round time on 1 vs N CPU processes (fedlight_ddp) "
+                        "instead of the engine table; on --device cuda, N GPUs")  # fmt: skip
     parser.add_argument("--executions", default="steps,sequential,grouped", help="federation.execution values to time")
     parser.add_argument("--flower", action="store_true", help="also run Flower simulation (slow: minutes)")
     parser.add_argument("--num-cpus", type=int, default=2, help="Ray CPUs for Flower simulation")
@@ -317,6 +347,14 @@ def main() -> None:
     print(
         f"{os.cpu_count()} CPUs, load {load:.1f} at start; torch threads {args.threads}; {args.rounds} rounds (first untimed)"
     )
+    if args.devices:
+        print("| workload | execution | devices | s/round (median round_time_s, rounds 2..) | speed-up vs 1 device |")
+        print("|---|---|---:|---:|---:|")
+        for name, cfg in workloads.items():
+            for row in devices_rows(name, cfg, tmp, args):
+                print(row, flush=True)
+        print(f"load {os.getloadavg()[0]:.1f} at end; run dir {tmp}")
+        return
     print("| workload | clients / per round | plain loop: CPU s/round (wall) | fedlight execution | fedlight: CPU s/round (wall) "
           "| fedlight / plain, CPU (wall) | fedlight fixed cost, wall s | Flower simulation, s/round | max abs diff vs plain |")  # fmt: skip
     print("|---|---|---:|---|---:|---:|---:|---|---:|")

@@ -464,13 +464,19 @@ def test_codec_payload_replies_are_screened(tmp_path, monkeypatch, flower_messag
     assert [(r["rejected"], r["num_clients"], r["failed"]) for r in rows] == [(1, 2, 0)] * len(cases)
 
 
-def _evaluate_info(change):
+def _edit_record(record: str, change):
+    """A tamper that copies the reply's ``record`` config record and applies ``change(dict, rng)``."""
+
     def tamper(msg, reply, rng):
-        values = dict(reply.content.config_records["fedlight.info"].items())
+        values = dict(reply.content.config_records[record].items())
         change(values, rng)
-        return [_tampered(msg, reply, fedlight_info=ConfigRecord(values))]
+        return [_tampered(msg, reply, **{record.replace(".", "_"): ConfigRecord(values)})]
 
     return tamper
+
+
+def _evaluate_info(change):
+    return _edit_record("fedlight.info", change)
 
 
 #: hostile answers to an `evaluate` message (personalised evaluation): each leaves that client's value out
@@ -562,14 +568,7 @@ def test_held_and_evaluate_replies_are_screened(tmp_path, capsys, flower_message
 
 
 def _secagg_edit(change):
-    """A tamper that copies the reply's fedlight.secagg record and applies ``change(dict, rng)``."""
-
-    def tamper(msg, reply, rng):
-        values = dict(reply.content.config_records["fedlight.secagg"].items())
-        change(values, rng)
-        return [_tampered(msg, reply, fedlight_secagg=ConfigRecord(values))]
-
-    return tamper
+    return _edit_record("fedlight.secagg", change)
 
 
 #: hostile answers to a `secagg_mask` request (a crafted update sent back to its attacker's node to mask)

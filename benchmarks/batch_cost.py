@@ -1,0 +1,55 @@
+"""What a local step costs against its batch size: why stacking clients (grouped execution) pays off
+when steps are overhead-bound and not when they are compute-bound.
+
+Times forward + backward + AdamW on the simulation benchmark's tiny timm ViT (2 blocks x 32 wide,
+16 px, BitFit) at several batch sizes, CPU time per step, after warm-up.
+
+    python benchmarks/batch_cost.py [--threads 1] [--batches 8,40,80,160]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batches", default="8,40,80,160")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+    import timm
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=10
+    )
+    for name, p in model.named_parameters():
+        p.requires_grad = name.endswith("bias") or name.startswith("head")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    print("| batch | CPU ms / step | ms / example | cost vs batch 8 |")
+    print("|---:|---:|---:|---:|")
+    base = None
+    for batch in [int(b) for b in args.batches.split(",")]:
+        x, y = torch.randn(batch, 3, 16, 16), torch.randint(0, 10, (batch,))
+
+        def step() -> None:
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+
+        for _ in range(3):
+            step()
+        t0 = time.process_time()
+        for _ in range(args.steps):
+            step()
+        ms = (time.process_time() - t0) / args.steps * 1000
+        base = base or ms
+        print(f"| {batch} | {ms:.2f} | {ms / batch:.3f} | {ms / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
