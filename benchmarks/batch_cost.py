@@ -36,7 +36,7 @@ def main() -> None:
     for batch in [int(b) for b in args.batches.split(",")]:
         x, y = torch.randn(batch, 3, 16, 16), torch.randint(0, 10, (batch,))
 
-        def step() -> None:
+        def step(x: torch.Tensor = x, y: torch.Tensor = y) -> None:
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
