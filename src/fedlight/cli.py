@@ -165,28 +165,36 @@ def _make_cli_class():
             parser.add_optimizer_args((Optimizer,), link_to="model.optimizer")
             parser.add_lr_scheduler_args(LRSchedulerTypeTuple, link_to="model.lr_scheduler")
 
-        def _parse_ckpt_path(self) -> None:
-            """Check ``--ckpt_path`` early; never let its ``hyper_parameters`` reach the parser.
+        def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+            """Parse, then check ``--ckpt_path`` early; never let its ``hyper_parameters`` reach the parser.
 
             LightningCLI would parse a checkpoint's ``hyper_parameters`` as config on top of the YAML
             (importing any class path they name and silently replacing values such as ``model.lr``).
             fedlight checkpoints never write them (no ``save_hyperparameters``); a checkpoint that
-            carries them is loaded for its state only, and the config alone decides the run.
+            carries them is loaded for its state only, and the config alone decides the run. The path
+            is held back while LightningCLI would read the checkpoint and put back before the classes
+            are instantiated (public hooks only: ``parse_arguments``, ``before_instantiate_classes``).
             """
+            super().parse_arguments(parser, args)
             from fedlight.core.checkpoint import AtomicCheckpointIO
 
             subcommand = self.config.get("subcommand")
-            ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-            if ckpt_path:
-                checkpoint = AtomicCheckpointIO().load_checkpoint(ckpt_path)
+            self.held_ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if self.held_ckpt_path:
+                checkpoint = AtomicCheckpointIO().load_checkpoint(self.held_ckpt_path)
                 ignored = sorted(k for k in ("hyper_parameters", "datamodule_hyper_parameters") if checkpoint.get(k))
                 if ignored:
                     from lightning.pytorch.utilities import rank_zero_warn
 
                     rank_zero_warn(
-                        f"[fedlight] checkpoint {ckpt_path} carries {' and '.join(ignored)}; ignored: the config "
-                        "decides every setting, and nothing in a checkpoint is parsed or imported"
+                        f"[fedlight] checkpoint {self.held_ckpt_path} carries {' and '.join(ignored)}; ignored: the "
+                        "config decides every setting, and nothing in a checkpoint is parsed or imported"
                     )
+                self.config[subcommand]["ckpt_path"] = None
+
+        def before_instantiate_classes(self) -> None:
+            if self.held_ckpt_path:
+                self.config[self.config["subcommand"]]["ckpt_path"] = self.held_ckpt_path
 
         def instantiate_classes(self) -> None:
             """Plugin constructors validate their arguments; report their errors as config errors."""
