@@ -108,12 +108,14 @@ class FederatedModule(pl.LightningModule):
         self.build(datamodule.num_classes)
 
     def train(self, mode: bool = True) -> FederatedModule:
-        """Train mode, except BatchNorm layers whose parameters are frozen: their statistics stay frozen too."""
+        """Train mode, except BatchNorm layers whose scale is frozen (all of it, or all but the bias as in
+        BitFit): their running statistics are part of the frozen backbone and stay as they are, instead of
+        drifting on each client without ever travelling."""
         super().train(mode)
         if mode and self.model is not None:
             for module in self.model.modules():
-                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not any(
-                    p.requires_grad for p in module.parameters(recurse=False)
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not (
+                    module.weight is not None and module.weight.requires_grad
                 ):
                     module.eval()
         return self
