@@ -38,13 +38,14 @@ def test_rank_assignment_is_a_balanced_deterministic_partition_in_plan_order(see
     assert max(loads) - min(loads) <= max(steps)  # greedy longest-first: within one client's steps
 
 
-def _trainer(devices: int = 2, strategy: str = "fedlight_ddp"):
+def _trainer(devices: int = 2, strategy: str = "fedlight_ddp", num_nodes: int = 1):
     import lightning.pytorch as pl
 
-    return pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, logger=False)
+    return pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, num_nodes=num_nodes, logger=False)
 
 
 REFUSED = [
+    ("fedlight_ddp 2 nodes", {"execution": "sequential"}, "several nodes are not supported"),
     ("ddp", {"execution": "sequential"}, "set trainer.strategy: fedlight_ddp"),
     ("fsdp", {"execution": "sequential"}, "set trainer.strategy: fedlight_ddp"),
     ("fedlight_ddp", {"execution": "steps"}, "set federation.execution: sequential or grouped"),
@@ -66,8 +67,9 @@ def test_what_cannot_be_spread_over_devices_is_refused_with_what_to_use(tmp_path
     options = round_callback(build_cli(cfg, tmp_path)).options
     if strategy == "fsdp" and not torch.cuda.is_available():
         strategy = "ddp_spawn"  # FSDP needs CUDA; any strategy other than fedlight_ddp is refused the same way
+    nodes = 2 if strategy.endswith("2 nodes") else 1
     with pytest.raises(ConfigError, match=match):
-        check_devices(_trainer(strategy=strategy), options)
+        check_devices(_trainer(strategy=strategy.split()[0], num_nodes=nodes), options)
 
 
 def _subprocess_fit(cfg: dict, tmp_path: Path) -> Path:

@@ -85,6 +85,11 @@ def check_devices(trainer: pl.Trainer, options: Any) -> None:
             "FSDP/DeepSpeed shard a model whose trainable part changes with every client). To scale out over "
             "machines, use the Flower engine (`fedlight flower`)"
         )
+    if trainer.num_nodes > 1:
+        raise ConfigError(
+            f"{where}: several nodes are not supported by fedlight_ddp (untested across machines); use the devices "
+            "of one node, or the Flower engine (`fedlight flower`) to scale out over machines"
+        )
     if options.execution == "steps":
         raise ConfigError(f"{where}: set federation.execution: sequential or grouped (work units of whole clients)")
     if options.clients_per_round < trainer.world_size:
