@@ -20,13 +20,17 @@ from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from fedlight.core import compat
+from fedlight.core.distributed import gather_round
 from fedlight.core.engine import RoundEngine
 from fedlight.core.grouped import GroupedTrainer
 from fedlight.core.local import train_client
 from fedlight.core.plan import RoundPlan
+from fedlight.errors import as_config_error
 
 EXECUTIONS = ("steps", "sequential", "grouped")
 #: ``group_size: auto`` stacks up to this many clients (the memory of G batches' activations at once)
@@ -58,27 +62,49 @@ def check_trainer(execution: str, trainer: Any) -> None:
             )
 
 
-class ClientExecutor:
-    """Cuts each round into work units and trains them (sequentially or grouped) for one run."""
+class ClientExecutor(pl.Callback):
+    """Cuts each round into work units and trains them (sequentially or grouped) for one run.
 
-    def __init__(self, engine: RoundEngine, execution: str, group_size: int | str, trainer: Any) -> None:
-        check_trainer(execution, trainer)
-        self.engine, self.trainer = engine, trainer
+    A Lightning callback the federation callback adds (after itself) for ``execution`` other than
+    ``steps``: at fit start it checks the trainer, takes over the module's optimisation and hands the
+    module its ``run_unit``; at each epoch's end it steps the epoch schedulers. On several devices the
+    round's last unit ends with every rank's round part gathered (:func:`fedlight.core.distributed.gather_round`).
+    """
+
+    def __init__(self, engine: RoundEngine, execution: str, group_size: int | str) -> None:
+        self.engine, self.execution, self.group_size = engine, execution, group_size
+        self.notice: str | None = None
+        self.grouped: GroupedTrainer | None = None
+        self.trainer: Any = None
+        self._units_left = 0  # of the round in progress, on this rank
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        engine = self.engine  # attached: the federation callback's on_fit_start ran first
+        with as_config_error():
+            check_trainer(self.execution, trainer)
+        self.trainer = trainer
         # Lightning must not step an optimizer of its own (the executor's are per client), and under DDP a
         # step that returns None is only allowed in manual optimisation
         engine.module.automatic_optimization = False
-        self.execution, self.group_size = execution, group_size
-        self.notice: str | None = None
-        self.grouped: GroupedTrainer | None = None
-        if execution == "grouped":
-            module = engine.module
-            probe = module.make_optimizer([torch.zeros(1, requires_grad=True)])
-            reason = compat.grouping_blocker(module, engine.privacy, engine.features, probe)
+        if self.execution == "grouped":
+            reason = compat.grouping_blocker(engine.module, engine.privacy, engine.features, trainer.optimizers[0])
             if reason:
                 self.execution = "sequential"
                 self.notice = f"federation.execution grouped -> sequential: {reason}"
+                rank_zero_info(f"[fedlight] {self.notice}")
             else:
                 self.grouped = GroupedTrainer(engine)
+        engine.module.run_unit = self.run
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Step the epoch-interval schedulers once per round, as Lightning's automatic optimisation would."""
+        for config in trainer.lr_scheduler_configs:
+            if config.interval != "epoch" or trainer.current_epoch % config.frequency:
+                continue
+            if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                config.scheduler.step(float(trainer.callback_metrics[config.monitor]))
+            else:
+                config.scheduler.step()
 
     def units(self, plan: RoundPlan) -> list[list[int]]:
         """Positions in ``plan.training`` of this process's work units: one client, or consecutive groups (plan
@@ -92,18 +118,9 @@ class ClientExecutor:
             positions = assign_ranks(plan, world)[self.trainer.global_rank]
         size = 1 if self.execution == "sequential" else (AUTO_GROUP if self.group_size == "auto" else self.group_size)
         assert isinstance(size, int)
-        return [positions[i : i + size] for i in range(0, len(positions), size)] or [[]]
-
-    def end_round(self) -> None:
-        """Step the epoch-interval schedulers once per round, as Lightning's automatic optimisation would."""
-        trainer = self.trainer
-        for config in trainer.lr_scheduler_configs:
-            if config.interval != "epoch" or trainer.current_epoch % config.frequency:
-                continue
-            if isinstance(config.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                config.scheduler.step(float(trainer.callback_metrics[config.monitor]))
-            else:
-                config.scheduler.step()
+        units = [positions[i : i + size] for i in range(0, len(positions), size)] or [[]]
+        self._units_left = len(units)
+        return units
 
     def _optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
         """A fresh client optimizer at the learning rate the run's (scheduled) optimizer has now."""
@@ -114,15 +131,18 @@ class ClientExecutor:
         return optimizer
 
     def run(self, unit: Sequence[tuple[int, Sequence[dict[str, Any]]]]) -> None:
-        """Train one work unit's clients (their updates go to the engine); a client that raises is excluded."""
-        if not unit:
-            return
+        """Train one work unit's clients (their updates go to the engine); a client that raises is excluded.
+        After this rank's last unit of the round, every rank's round part reaches every rank."""
         failed = set(self.engine.round.failed)
-        self._train(unit)
+        if unit:
+            self._train(unit)
         for client, error in self.engine.round.failed.items():
             if client not in failed and error.startswith("Traceback"):  # not a pipeline's refusal
                 message = f"[fedlight] round {self.engine.round.round}: client {client} raised; excluded:\n{error}"
                 warnings.warn(message, UserWarning, stacklevel=2)
+        self._units_left -= 1
+        if self._units_left == 0 and self.trainer.world_size > 1:
+            gather_round(self.engine, self.trainer.world_size)
 
     def _train(self, unit: Sequence[tuple[int, Sequence[dict[str, Any]]]]) -> None:
         trainer = self.trainer

@@ -87,13 +87,13 @@ class GroupedTrainer:
         for each in order: the updates, as the sequential path would return them."""
         engine, names = self.engine, self.names
         runs: list[ClientRun] = []
-        starts: list[dict[str, torch.Tensor]] = []
-        for client_id, _ in unit:
-            engine.start_client(client_id)
-            starts.append({n: self.params[n].detach().clone() for n in names})
+        stacked = {n: self.params[n].new_empty((len(unit), *self.params[n].shape)) for n in names}
+        for i, (client_id, _) in enumerate(unit):
+            engine.start_client(client_id)  # its start state (and local tensors) into the model: slot i
+            with torch.no_grad():
+                for n in names:
+                    stacked[n][i].copy_(self.params[n])
             runs.append(engine.suspend_client())
-        stacked = {n: torch.stack([s[n] for s in starts]) for n in names}
-        del starts
         optimizer = make_optimizer(list(stacked.values()))
         longest = max((len(batches) for _, batches in unit), default=0)
         for m in self.fused:

@@ -8,7 +8,7 @@ hooks onto engine calls. Everything a round does lives in the engine, its pipeli
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 from jsonargparse import lazy_instance
@@ -22,7 +22,6 @@ from fedlight.codecs.base import Codec
 from fedlight.codecs.identity import IdentityCodec
 from fedlight.core.checkpoint import AtomicCheckpointIO, capture_rng, restore_rng
 from fedlight.core.datamodule import FederatedDataModule
-from fedlight.core.distributed import gather_round
 from fedlight.core.engine import Population
 from fedlight.core.executors import ClientExecutor
 from fedlight.core.faults import ClientFaults
@@ -118,7 +117,8 @@ class FederatedRound(pl.Callback):
         self.engine = self.options.build_engine()
         self.rounds = rounds
         self._log: RunLog | None = None
-        self.executor: ClientExecutor | None = None  # built at fit start (execution other than steps)
+        #: runs clients in work units (execution other than steps), a callback added at setup
+        self.executor = None if execution == "steps" else ClientExecutor(self.engine, execution, group_size)
 
     # what scripts and tests read of a run (the engine owns it)
     _ENGINE_VIEWS = frozenset(
@@ -159,12 +159,9 @@ class FederatedRound(pl.Callback):
         o = self.options
         with as_config_error():
             self.engine.bind(Population(tuple(dm.client_sizes), dm.batch_size), dm)
-        units = None if o.execution == "steps" else (lambda plan: cast(ClientExecutor, self.executor).units(plan))
-        dm.set_planner(self.engine.plan_for, units)
-        for callback in (
-            RoundCheckpoint(self, o.checkpoint_every),
-            AdapterExport(self, o.export_every, o.export_merged),
-        ):
+        dm.set_planner(self.engine.plan_for, self.executor.units if self.executor else None)
+        extra = [RoundCheckpoint(self, o.checkpoint_every), AdapterExport(self, o.export_every, o.export_merged)]
+        for callback in [*([self.executor] if self.executor else []), *extra]:  # they run after this one
             if not any(type(c) is type(callback) for c in trainer.callbacks):
                 trainer.callbacks.append(callback)
 
@@ -185,13 +182,7 @@ class FederatedRound(pl.Callback):
             remove_stale_run_files(log_dir, trainer.ckpt_path)
         with as_config_error():
             self.engine.attach(pl_module)
-            if self.options.execution != "steps":  # the module's training steps become work units of clients
-                self.executor = ClientExecutor(self.engine, self.options.execution, self.options.group_size, trainer)
-        self._log = RunLog(self.log_dir(trainer), enabled=trainer.is_global_zero)
-        if self.executor is not None:
-            if self.executor.notice:
-                rank_zero_info(f"[fedlight] {self.executor.notice}")
-            pl_module.run_unit = self.executor.run
+        self._log = RunLog(log_dir, enabled=trainer.is_global_zero)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
         engine = self.engine
@@ -237,8 +228,6 @@ class FederatedRound(pl.Callback):
         if batch_idx == trainer.num_training_batches - 1:
             if engine.current is not None:  # steps: the last client is still current
                 engine.finish_client()
-            if trainer.world_size > 1:  # every rank's clients' updates and state, on every rank
-                gather_round(engine, trainer.world_size)
             r = engine.end_round()
             for client_id, reason in (r.report.rejected if r.report else {}).items():
                 rank_zero_info(f"[fedlight] round {r.round}: rejected update of client {client_id}: {reason}")
@@ -246,8 +235,6 @@ class FederatedRound(pl.Callback):
                 rank_zero_warn(f"[fedlight] round {r.round}: {r.skipped}; round skipped, global model unchanged")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
-        if self.executor is not None:
-            self.executor.end_round()
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_") and v.numel() == 1}
         row = self.engine.round_row(metrics)
         self.run_log.write(self.engine.history, pl_module, self.engine.round.round)
