@@ -270,7 +270,8 @@ def run_cli(args: list[str] | None = None, run: bool = True):
 
 def print_plugins(stream=None) -> None:
     """Every plugin by kind. Built-ins come from the generated index (no torch, Lightning or models
-    imported); only installed plugin packages (entry points) are imported, to list their classes."""
+    imported); installed plugin packages' hook modules are imported to list their classes, and classes
+    they register by ``"module:Class"`` path are listed from their source, without importing them."""
     import importlib.metadata
 
     from fedlight.plugin_index import BUILTINS
@@ -286,7 +287,7 @@ def print_plugins(stream=None) -> None:
         failures = registry.failures
         for kind, table in registry.entries.items():
             for name, entry in table.items():
-                rows[kind][name] = (entry.cls.summary(), entry.provider)
+                rows[kind][name] = (entry.summary, entry.provider)
     for kind, listed in rows.items():
         print(f"{kind}:", file=stream)
         for name in sorted(listed):

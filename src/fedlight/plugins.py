@@ -4,12 +4,20 @@ Built-in modules are registered explicitly (never as an import side effect); thi
 come from the ``fedlight`` entry-point group, loaded one by one so a broken package is reported by
 name instead of stopping every run. ``FEDLIGHT_DISABLE_PLUGIN_AUTOLOAD=1`` skips entry points
 (tests use it to be independent of what happens to be installed).
+
+A hook may return a class or a ``"module:Class"`` string. A string is registered *lazily*: its short
+``name`` and summary are read from the module's source (``ast``, found with ``importlib.util.find_spec``)
+without importing it, and the class is imported and validated on first real use (``Entry.cls``,
+``Registry.get``: resolving a config). So a plugin package whose hook module imports nothing heavy
+keeps ``fedlight plugins`` fast, exactly as fedlight's generated index does for the built-ins.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.metadata
+import importlib.util
 import os
 import pkgutil
 import traceback
@@ -90,16 +98,111 @@ class PluginError(ConfigError):
     """A plugin is unknown, duplicated or malformed; the message says what to change."""
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class Entry:
+    """One registered plugin class: ``target`` is the class, or for a lazy registration its
+    ``"module:Class"`` path, imported and validated the first time :attr:`cls` is read."""
+
     kind: str
     name: str
-    cls: type[Plugin]
+    target: type[Plugin] | str
     provider: str
+    summary: str
 
     @property
     def import_path(self) -> str:
-        return f"{self.cls.__module__}.{self.cls.__qualname__}"
+        if isinstance(self.target, str):
+            return self.target.replace(":", ".")
+        return f"{self.target.__module__}.{self.target.__qualname__}"
+
+    @property
+    def loaded(self) -> bool:
+        return not isinstance(self.target, str)
+
+    @property
+    def cls(self) -> type[Plugin]:
+        if isinstance(self.target, str):
+            self.target = _load_lazy(self)
+        return self.target
+
+
+def _check_class(kind: str, cls: object, provider: str) -> str:
+    """The short name of a plugin class, after checking it subclasses the kind's base and names itself."""
+    base = kinds()[kind][1]
+    if not (isinstance(cls, type) and issubclass(cls, base) and issubclass(cls, Plugin)):
+        raise PluginError(f"{provider}: {kind} hook returned {cls!r}, which is not a subclass of {base.__name__}")
+    name = getattr(cls, "name", "")
+    if not name or "name" not in vars(cls):
+        raise PluginError(f"{provider}: {cls.__qualname__} must define its own short `name`")
+    return name
+
+
+class _NotFound(Exception):
+    """A lazy ``"module:Class"`` path names a module or class that does not exist."""
+
+
+def _read_lazy(path: str) -> tuple[str, str] | None:
+    """``(name, summary)`` of the class at ``"module:Class"``, read from its source without importing it.
+
+    None when the source cannot tell (no source file, a nested class, a ``name`` that is not a string
+    literal in the class body): the caller then imports the class to read them.
+    """
+    module, sep, qualname = path.partition(":")
+    if not sep or not module or not qualname:
+        raise _NotFound(f"{path!r} is not a 'package.module:Class' path")
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError) as err:  # a missing parent package, or an import error in it
+        raise _NotFound(f"cannot find module {module!r} of {path!r}: {type(err).__name__}: {err}") from err
+    if spec is None:
+        raise _NotFound(f"no module named {module!r} (from {path!r})")
+    try:
+        source = spec.loader.get_source(spec.name) if spec.loader is not None else None  # type: ignore[attr-defined]
+    except (AttributeError, ImportError, OSError):
+        source = None
+    if source is None or "." in qualname:
+        return None
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.ClassDef) and node.name == qualname:
+            break
+    else:
+        raise _NotFound(f"module {module!r} defines no class {qualname!r} (from {path!r})")
+    name = None
+    for stmt in node.body:
+        targets = (
+            stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) else []
+        )
+        value = getattr(stmt, "value", None)
+        if any(isinstance(t, ast.Name) and t.id == "name" for t in targets):
+            name = value.value if isinstance(value, ast.Constant) and isinstance(value.value, str) else None
+    if not name:
+        return None
+    doc = (ast.get_docstring(node, clean=False) or "").strip()  # as Plugin.summary reads ``__doc__``
+    return name, doc.splitlines()[0] if doc else "(no description)"
+
+
+def _import_class(path: str, provider: str, what: str) -> type:
+    module, _, qualname = path.partition(":")
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except Exception as err:
+        raise PluginError(
+            f"{provider}: cannot import {what} {path!r}: {type(err).__name__}: {err}; install what it needs, "
+            f"or uninstall {provider}"
+        ) from err
+    return obj
+
+
+def _load_lazy(entry: Entry) -> type[Plugin]:
+    """Import a lazily registered class and check it is what its source said (base class, own ``name``)."""
+    assert isinstance(entry.target, str)
+    cls = _import_class(entry.target, entry.provider, f"{entry.kind[:-1].replace('_', ' ')} {entry.name!r}")
+    name = _check_class(entry.kind, cls, entry.provider)
+    if name != entry.name:
+        raise PluginError(f"{entry.provider}: {entry.target} was listed as {entry.name!r} but its `name` is {name!r}")
+    return cls
 
 
 @dataclass
@@ -109,41 +212,48 @@ class Registry:
     entries: dict[str, dict[str, Entry]] = field(default_factory=lambda: {k: {} for k in KIND_HOOKS})
     failures: dict[str, str] = field(default_factory=dict)
 
-    def add(self, kind: str, cls: type, provider: str) -> None:
-        base = kinds()[kind][1]
-        if not (isinstance(cls, type) and issubclass(cls, base) and issubclass(cls, Plugin)):
-            raise PluginError(f"{provider}: {kind} hook returned {cls!r}, which is not a subclass of {base.__name__}")
-        name = getattr(cls, "name", "")
-        if not name or "name" not in vars(cls):
-            raise PluginError(f"{provider}: {cls.__qualname__} must define its own short `name`")
+    def add(self, kind: str, cls: type | str, provider: str) -> None:
+        """Register a class, or lazily a ``"module:Class"`` path (read without importing, see :func:`_read_lazy`)."""
+        if isinstance(cls, str):
+            read = _read_lazy(cls)
+            if read is None:  # the source cannot tell its name and summary: import it to read them
+                cls = _import_class(cls, provider, f"{kind} class")
+        if isinstance(cls, str):
+            name, summary = read
+            entry = Entry(kind, name, cls, provider, summary)
+        else:
+            name = _check_class(kind, cls, provider)
+            entry = Entry(kind, name, cls, provider, cls.summary())
         known = self.entries[kind].get(name)
-        if known is not None and known.cls is not cls:
+        if known is not None and known.import_path != entry.import_path:
             raise PluginError(
                 f"duplicate {kind} plugin name {name!r}: {known.import_path} (from {known.provider}) "
-                f"and {cls.__module__}.{cls.__qualname__} (from {provider}); one must be renamed"
+                f"and {entry.import_path} (from {provider}); one must be renamed"
             )
-        self.entries[kind][name] = Entry(kind, name, cls, provider)
+        self.entries[kind][name] = entry
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.entries[kind])
 
     def get(self, kind: str, name: str) -> Entry:
-        """Look up by short name, class name or full import path."""
+        """Look up by short name, class name or full import path; a lazy entry is imported and checked here."""
         table = self.entries[kind]
-        if name in table:
-            return table[name]
-        for entry in table.values():
-            if name in (entry.cls.__name__, entry.import_path):
-                return entry
-        hint = f"; packages that failed to load: {sorted(self.failures)}" if self.failures else ""
-        raise PluginError(
-            f"unknown {kind[:-1].replace('_', ' ')} {name!r}; available: {', '.join(self.names(kind))}{hint}"
-        )
+        entry = table.get(name)
+        if entry is None:
+            entry = next((e for e in table.values() if name in (e.import_path.rsplit(".", 1)[-1], e.import_path)), None)
+        if entry is None:
+            hint = f"; packages that failed to load: {sorted(self.failures)}" if self.failures else ""
+            raise PluginError(
+                f"unknown {kind[:-1].replace('_', ' ')} {name!r}; available: {', '.join(self.names(kind))}{hint}"
+            )
+        entry.cls  # noqa: B018 -- first real use: import and validate a lazy registration
+        return entry
 
     def find_class(self, cls: type) -> Entry | None:
+        path = f"{cls.__module__}.{cls.__qualname__}"
         for table in self.entries.values():
             for entry in table.values():
-                if entry.cls is cls:
+                if entry.import_path == path and entry.cls is cls:
                     return entry
         return None
 
@@ -211,7 +321,10 @@ def build_registry(autoload: bool | None = None, extra: list[object] | None = No
                 registry.failures[provider] = f"{hook_name} raised {type(err).__name__}: {err}"
                 continue
             for cls in classes or []:
-                registry.add(kind, cls, provider)
+                try:
+                    registry.add(kind, cls, provider)
+                except _NotFound as err:  # a lazy path to nothing: that package is broken, the others still load
+                    registry.failures[provider] = f"{hook_name} returned {cls!r}: {err}"
     return registry
 
 
@@ -269,7 +382,7 @@ def render_index(registry: Registry | None = None) -> str:
         for name in registry.names(kind):
             entry = registry.entries[kind][name]
             if entry.provider == BUILTIN_PROVIDER:
-                lines.append(f"        ({name!r}, {entry.import_path!r}, {entry.cls.summary()!r}),")
+                lines.append(f"        ({name!r}, {entry.import_path!r}, {entry.summary!r}),")
         lines.append("    ],")
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -1,8 +1,12 @@
-"""A FedAvg variant with a server learning rate, shipped as a third-party plugin."""
+"""A FedAvg variant with a server learning rate, shipped as a third-party plugin.
+
+Imported only when a config uses it: ``hooks.py`` (the entry point) registers it as
+``"fedlight_example.plugin:ServerLRFedAvg"``, so listing plugins does not pay for torch.
+"""
 
 from __future__ import annotations
 
-from fedlight import Aggregator, DecodedUpdate, State, add, hookimpl, weighted_sum
+from fedlight import Aggregator, DecodedUpdate, State, add, weighted_sum
 
 
 class ServerLRFedAvg(Aggregator):
@@ -21,7 +25,3 @@ class ServerLRFedAvg(Aggregator):
         step = weighted_sum((u.delta for u in updates), (self.server_lr * u.num_examples / total for u in updates))
         return add(global_state, step)
 
-
-@hookimpl
-def fedlight_aggregators() -> list[type]:
-    return [ServerLRFedAvg]
