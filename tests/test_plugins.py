@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+import io
 import os
+import random
+import sys
 import types
 
 import pytest
 
 from fedlight import plugins
 from fedlight.aggregators.base import Aggregator
+from fedlight.cli import print_plugins
 from fedlight.hookspecs import hookimpl
 from fedlight.plugins import KINDS, PluginError, build_registry
 
@@ -130,3 +135,181 @@ def test_example_third_party_plugin_is_discovered_through_its_entry_point():
     entry = registry.get("aggregators", "server_lr_fedavg")
     assert entry.provider == "fedlight-example"
     assert entry.cls.__module__ == "fedlight_example.plugin"
+
+
+# --- lazy registration: a hook returns "module:Class", the class is imported on first use --------------
+
+_LAZY_MODULE = '''
+from fedlight import Aggregator
+
+
+class Mean(Aggregator):
+    """Plain mean of the deltas (a lazily registered test plugin).
+
+    More text that is not the summary.
+    """
+
+    name = "lazy_mean"
+
+    def aggregate(self, global_state, updates):
+        return global_state
+
+
+class NotAPlugin:
+    """Has a name but no plugin base."""
+
+    name = "not_a_plugin"
+
+
+class Renamed(Aggregator):
+    """Its name changes after the class body."""
+
+    name = "before"
+
+
+Renamed.name = "after"
+'''
+
+
+def _lazy_package(tmp_path, monkeypatch, files: dict[str, str]) -> str:
+    """A fresh importable package under tmp_path (unique name); its modules are dropped afterwards."""
+    package = f"lazy_pkg_{len(list(tmp_path.iterdir()))}_{os.getpid()}"
+    root = tmp_path / package
+    root.mkdir()
+    (root / "__init__.py").write_text("")
+    for name, text in files.items():
+        (root / f"{name}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for module in [package, *(f"{package}.{name}" for name in files)]:
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    return package
+
+
+def _hooks(kind_hook: str, *paths: str) -> types.ModuleType:
+    hooks = types.ModuleType(f"hooks_{abs(hash(paths))}")
+    setattr(hooks, kind_hook, hookimpl(lambda: list(paths)))
+    return hooks
+
+
+def test_a_lazy_class_is_listed_from_source_and_imported_only_on_use(tmp_path, monkeypatch):
+    pkg = _lazy_package(tmp_path, monkeypatch, {"impl": _LAZY_MODULE})
+    registry = build_registry(autoload=False, extra=[_hooks("fedlight_aggregators", f"{pkg}.impl:Mean")])
+    entry = registry.entries["aggregators"]["lazy_mean"]
+    assert f"{pkg}.impl" not in sys.modules and not entry.loaded
+    assert entry.summary == "Plain mean of the deltas (a lazily registered test plugin)."
+    assert entry.import_path == f"{pkg}.impl.Mean"
+    assert registry.get("aggregators", "Mean") is entry  # by class name: still the lazy entry, now loaded
+    assert entry.loaded and f"{pkg}.impl" in sys.modules
+    assert issubclass(entry.cls, Aggregator) and entry.cls.summary() == entry.summary
+    assert registry.get("aggregators", f"{pkg}.impl.Mean") is entry
+    assert registry.find_class(entry.cls) is entry
+
+
+@pytest.mark.parametrize(
+    ("target", "match"),
+    [
+        ("NotAPlugin", "not a subclass of Aggregator"),
+        ("Renamed", "listed as 'before' but its `name` is 'after'"),
+    ],
+)
+def test_a_lazy_class_is_validated_when_used(tmp_path, monkeypatch, target, match):
+    pkg = _lazy_package(tmp_path, monkeypatch, {"impl": _LAZY_MODULE})
+    registry = build_registry(autoload=False, extra=[_hooks("fedlight_aggregators", f"{pkg}.impl:{target}")])
+    name = next(n for n, e in registry.entries["aggregators"].items() if e.import_path.endswith(target))
+    with pytest.raises(PluginError, match=match):
+        registry.get("aggregators", name)
+
+
+def test_a_lazy_class_whose_module_cannot_import_fails_on_use_naming_the_package(tmp_path, monkeypatch):
+    pkg = _lazy_package(tmp_path, monkeypatch, {"impl": "import some_missing_dependency\n" + _LAZY_MODULE})
+    registry = build_registry(autoload=False, extra=[_hooks("fedlight_aggregators", f"{pkg}.impl:Mean")])
+    assert "lazy_mean" in registry.names("aggregators")  # listing reads the source only
+    with pytest.raises(PluginError) as err:
+        registry.get("aggregators", "lazy_mean")
+    message = str(err.value)
+    assert "ModuleNotFoundError" in message and "some_missing_dependency" in message and "uninstall" in message
+
+
+def test_a_lazy_path_to_nothing_marks_its_package_failed_in_fedlight_plugins(tmp_path, monkeypatch):
+    pkg = _lazy_package(tmp_path, monkeypatch, {"impl": _LAZY_MODULE, "broken": "class Half(:\n"})
+    good = _hooks("fedlight_aggregators", f"{pkg}.impl:Mean")
+    bad = _hooks("fedlight_codecs", f"{pkg}.impl:Missing")
+    for paths, reason in [
+        ((f"{pkg}.impl:Missing",), "defines no class 'Missing'"),
+        (("no_such_module_xyz.impl:C",), "no_such_module_xyz"),
+        ((f"{pkg}.impl.Mean",), "is not a 'package.module:Class' path"),
+        ((f"{pkg}.broken:Half",), "cannot parse module"),
+    ]:
+        registry = build_registry(autoload=False, extra=[good, _hooks("fedlight_codecs", *paths)])
+        (failure,) = registry.failures.values()
+        assert reason in failure
+        assert "lazy_mean" in registry.names("aggregators")  # the other package still loads
+
+    class _EntryPoint:
+        def __init__(self, name, module):
+            self.name, self.value, self.module = name, f"{name}_pkg.hooks", module
+            self.dist = types.SimpleNamespace(name=f"{name}-pkg", version="1.0", metadata={"Summary": name})
+
+        def load(self):
+            return self.module
+
+    monkeypatch.setattr(
+        plugins.importlib.metadata,
+        "entry_points",
+        lambda group=None, **kw: [_EntryPoint("good", good), _EntryPoint("bad", bad)] if group == "fedlight" else [],
+    )
+    monkeypatch.delenv(plugins.DISABLE_AUTOLOAD_ENV, raising=False)
+    out = io.StringIO()
+    print_plugins(out)
+    text = out.getvalue()
+    assert f"  {'lazy_mean':<22} Plain mean of the deltas (a lazily registered test plugin).  [good-pkg]" in text
+    assert "failed to load plugin package bad-pkg: fedlight_codecs returned" in text and "'Missing'" in text
+    assert f"{pkg}.impl" not in sys.modules
+
+
+def _random_plugin_source(rng: random.Random, i: int) -> tuple[str, bool]:
+    """A plugin class with a generated docstring and ``name`` statement; whether the name is a literal."""
+    words = ["Mean", "of", "deltas", "—", "λ·Δ", "'quoted'", '"double"', "(Paper 2021).", "x\\\\y", "tab\\there"]
+    summary = " ".join(rng.choice(words) for _ in range(rng.randint(1, 6))) + " end."
+    doc = rng.choice(
+        [
+            "",
+            f'    """{summary}"""\n',
+            f'    """\n    {summary}\n\n    Body text.\n    """\n',
+            f"    '''   {summary}   '''\n",
+            f'    r"""{summary}\n    second line"""\n',
+        ]
+    )
+    literal = rng.random() < 0.7
+    name = f"gen_{i}"
+    name_stmt = rng.choice(
+        [f'    name = "{name}"\n', f"    name: ClassVar[str] = '{name}'\n", f'    name = ("{name}")\n']
+        if literal
+        else [f'    name = "gen_" + "{i}"\n', f'    name = f"gen_{{{i}}}"\n', "    name = NAME\n", ""]
+    )
+    before = rng.choice(["", "    example_args = {}\n", "    x: int\n"])
+    body = doc + before + name_stmt + "\n    def aggregate(self, global_state, updates):\n        return global_state\n"
+    source = f"from typing import ClassVar\n\nfrom fedlight import Aggregator\n\nNAME = {name!r}\n\n\nclass Gen(Aggregator):\n{body}"
+    return source, literal
+
+
+def test_reading_a_class_from_source_agrees_with_importing_it(tmp_path, monkeypatch):
+    """Generated docstrings and ``name`` statements: the static read equals the imported class, or defers."""
+    rng = random.Random(18)
+    cases = [_random_plugin_source(rng, i) for i in range(40)]
+    pkg = _lazy_package(tmp_path, monkeypatch, {f"m{i}": source for i, (source, _) in enumerate(cases)})
+    for i, (_, literal) in enumerate(cases):
+        path = f"{pkg}.m{i}:Gen"
+        read = plugins._read_lazy(path)
+        assert (read is not None) == literal, path
+        cls = importlib.import_module(f"{pkg}.m{i}").Gen
+        if read is not None:
+            assert read == (cls.name, cls.summary()), path
+        registry = plugins.Registry()
+        if "name" not in vars(cls):  # the source cannot tell and the import shows it has none
+            with pytest.raises(PluginError, match="must define its own short `name`"):
+                registry.add("aggregators", path, "gen")
+            continue
+        registry.add("aggregators", path, "gen")
+        (entry,) = registry.entries["aggregators"].values()
+        assert (entry.name, entry.summary, entry.cls) == (cls.name, cls.summary(), cls)

@@ -138,7 +138,7 @@ def _check_class(kind: str, cls: object, provider: str) -> str:
 
 
 class _NotFound(Exception):
-    """A lazy ``"module:Class"`` path names a module or class that does not exist."""
+    """A lazy ``"module:Class"`` path cannot be listed (no such module or class, a syntax error): its package failed."""
 
 
 def _read_lazy(path: str) -> tuple[str, str] | None:
@@ -162,7 +162,11 @@ def _read_lazy(path: str) -> tuple[str, str] | None:
         source = None
     if source is None or "." in qualname:
         return None
-    for node in ast.parse(source).body:
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as err:
+        raise _NotFound(f"cannot parse module {module!r} of {path!r}: {err}") from err
+    for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == qualname:
             break
     else:
@@ -217,7 +221,10 @@ class Registry:
         if isinstance(cls, str):
             read = _read_lazy(cls)
             if read is None:  # the source cannot tell its name and summary: import it to read them
-                cls = _import_class(cls, provider, f"{kind} class")
+                try:
+                    cls = _import_class(cls, provider, f"{kind} class")
+                except PluginError as err:
+                    raise _NotFound(str(err)) from err
         if isinstance(cls, str):
             name, summary = read
             entry = Entry(kind, name, cls, provider, summary)
