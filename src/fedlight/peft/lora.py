@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import peft
-
 from fedlight.hookspecs import hookimpl
 from fedlight.peft.base import HeadMode
 from fedlight.peft.peft_library import LINEAR, PeftLibraryMethod
@@ -22,7 +20,7 @@ class LoRA(PeftLibraryMethod):
 
     name = "lora"
     example_args = {"r": 2, "alpha": 4}
-    config_class = peft.LoraConfig
+    config_class = "LoraConfig"
     layer_types = (*LINEAR, "Conv2d", "Conv1d", "Conv3d", "Embedding")
     identity_at_init = True
 

@@ -12,14 +12,16 @@ Tried and left out (peft 0.21): see ``docs/peft.md``.
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import peft
 from torch import nn
 
 from fedlight.hookspecs import hookimpl
 from fedlight.peft.base import HeadMode, PeftMethod, in_module
 from fedlight.peft.targets import PRESETS, resolve_targets
+
+if TYPE_CHECKING:  # peft is imported when a method is applied: a timm + BitFit run never pays for it
+    import peft
 
 #: layer kinds (class names) most peft weight-space tuners adapt: torch Linear and GPT-2's Conv1D
 LINEAR = ("Linear", "Conv1D")
@@ -39,12 +41,13 @@ def exact_regex(names: list[str]) -> str:
 class PeftLibraryMethod(PeftMethod):
     """Base of the HF-peft wrappers: builds the peft config from typed args, resolved targets and the head.
 
-    Subclasses set ``config_class`` and implement :meth:`config_kwargs`; ``layer_types`` are the
-    module class names the method can adapt (checked before peft is called, so the error names the
-    layer); ``task_types`` maps a model to a peft ``task_type`` for methods that need one.
+    Subclasses set ``config_class`` (a peft config class, or its name in :mod:`peft`: resolved when the
+    config is built, so importing this module does not import peft) and implement :meth:`config_kwargs`;
+    ``layer_types`` are the module class names the method can adapt (checked before peft is called, so
+    the error names the layer); ``task_types`` maps a model to a peft ``task_type`` for methods that need one.
     """
 
-    config_class: ClassVar[type] = peft.PeftConfig
+    config_class: ClassVar[type | str] = "PeftConfig"
     layer_types: ClassVar[tuple[str, ...]] = LINEAR
     #: True when the adapted model computes exactly the base model's function before training
     identity_at_init: ClassVar[bool] = False
@@ -102,9 +105,14 @@ class PeftLibraryMethod(PeftMethod):
             kwargs["task_type"] = task_type
         if self.train_head and head_modules:
             kwargs["modules_to_save"] = list(head_modules)
-        return self.config_class(**kwargs, **self.config_kwargs(model, targets or []))
+        import peft
+
+        config_class = getattr(peft, self.config_class) if isinstance(self.config_class, str) else self.config_class
+        return config_class(**kwargs, **self.config_kwargs(model, targets or []))
 
     def prepare(self, model: nn.Module, head_modules: list[str]) -> nn.Module:
+        import peft
+
         config = self.peft_config(model, head_modules)
         try:
             wrapped = peft.get_peft_model(model, config)
@@ -132,7 +140,7 @@ class AdaLoRA(PeftLibraryMethod):
 
     name = "adalora"
     example_args = {"init_r": 2, "target_r": 1}
-    config_class = peft.AdaLoraConfig
+    config_class = "AdaLoraConfig"
     identity_at_init = True
 
     def __init__(
@@ -169,7 +177,7 @@ class LoHa(PeftLibraryMethod):
 
     name = "loha"
     example_args = {"r": 2, "alpha": 2}
-    config_class = peft.LoHaConfig
+    config_class = "LoHaConfig"
     layer_types = (*LINEAR[:1], "Conv2d", "Conv1d")
     identity_at_init = True
 
@@ -195,7 +203,7 @@ class LoKr(PeftLibraryMethod):
 
     name = "lokr"
     example_args = {"r": 2, "alpha": 2}
-    config_class = peft.LoKrConfig
+    config_class = "LoKrConfig"
     layer_types = (*LINEAR[:1], "Conv2d", "Conv1d")
     identity_at_init = True
 
@@ -231,7 +239,7 @@ class VeRA(PeftLibraryMethod):
 
     name = "vera"
     example_args = {"r": 4}
-    config_class = peft.VeraConfig
+    config_class = "VeraConfig"
     layer_types = LINEAR
     identity_at_init = True
 
@@ -260,7 +268,7 @@ class RandLoRA(PeftLibraryMethod):
 
     name = "randlora"
     example_args = {"r": 2}
-    config_class = peft.RandLoraConfig
+    config_class = "RandLoraConfig"
     layer_types = LINEAR
     identity_at_init = True
 
@@ -295,7 +303,7 @@ class IA3(PeftLibraryMethod):
     """
 
     name = "ia3"
-    config_class = peft.IA3Config
+    config_class = "IA3Config"
     identity_at_init = True
 
     def __init__(self, target: str | list[str] = "attention+mlp", head: HeadMode = "shared") -> None:
@@ -317,7 +325,7 @@ class LayerNormTuning(PeftLibraryMethod):
     """
 
     name = "ln_tuning"
-    config_class = peft.LNTuningConfig
+    config_class = "LNTuningConfig"
     layer_types = ("LayerNorm", "RMSNorm", "GroupNorm", "LlamaRMSNorm", "GPT2LayerNorm", "BertLayerNorm")
     identity_at_init = True
 
@@ -348,7 +356,7 @@ class OFT(PeftLibraryMethod):
 
     name = "oft"
     example_args = {"block_size": 4}
-    config_class = peft.OFTConfig
+    config_class = "OFTConfig"
     layer_types = (LINEAR[0], "Conv2d")
     identity_at_init = True
 
@@ -384,7 +392,7 @@ class BOFT(PeftLibraryMethod):
 
     name = "boft"
     example_args = {"block_size": 4, "n_butterfly_factor": 1}
-    config_class = peft.BOFTConfig
+    config_class = "BOFTConfig"
     layer_types = (LINEAR[0], "Conv2d")
     identity_at_init = True
 
@@ -412,7 +420,7 @@ class HRA(PeftLibraryMethod):
 
     name = "hra"
     example_args = {"r": 2}
-    config_class = peft.HRAConfig
+    config_class = "HRAConfig"
     layer_types = (LINEAR[0], "Conv2d")
     identity_at_init = True
 
@@ -435,7 +443,7 @@ class MiSS(PeftLibraryMethod):
 
     name = "miss"
     example_args = {"r": 4}
-    config_class = peft.MissConfig
+    config_class = "MissConfig"
     layer_types = LINEAR[:1]
     identity_at_init = True
 
@@ -456,7 +464,7 @@ class C3A(PeftLibraryMethod):
 
     name = "c3a"
     example_args = {"block_size": 8}
-    config_class = peft.C3AConfig
+    config_class = "C3AConfig"
     layer_types = LINEAR[:1]
     identity_at_init = False  # xavier-initialised kernels
 
@@ -481,7 +489,7 @@ class FourierFT(PeftLibraryMethod):
 
     name = "fourierft"
     example_args = {"n_frequency": 16, "scaling": 10.0}
-    config_class = peft.FourierFTConfig
+    config_class = "FourierFTConfig"
     layer_types = LINEAR
 
     def __init__(
@@ -509,7 +517,7 @@ class SHiRA(PeftLibraryMethod):
 
     name = "shira"
     example_args = {"r": 2}
-    config_class = peft.ShiraConfig
+    config_class = "ShiraConfig"
     layer_types = LINEAR[:1]
     identity_at_init = True
 

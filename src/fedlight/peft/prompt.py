@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-import peft
 from torch import nn
 
 from fedlight.hookspecs import hookimpl
@@ -49,7 +48,7 @@ class PromptTuning(PromptLearning):
 
     name = "prompt_tuning"
     example_args = {"num_virtual_tokens": 4}
-    config_class = peft.PromptTuningConfig
+    config_class = "PromptTuningConfig"
 
     def config_kwargs(self, model, targets) -> dict[str, Any]:
         return dict(num_virtual_tokens=self.num_virtual_tokens, prompt_tuning_init="RANDOM")
@@ -63,7 +62,7 @@ class PrefixTuning(PromptLearning):
 
     name = "prefix_tuning"
     example_args = {"num_virtual_tokens": 4}
-    config_class = peft.PrefixTuningConfig
+    config_class = "PrefixTuningConfig"
 
     def __init__(self, num_virtual_tokens: int = 20, projection_dim: int = 0, head: HeadMode = "shared") -> None:
         super().__init__(num_virtual_tokens, head)
@@ -92,7 +91,7 @@ class PTuning(PromptLearning):
 
     name = "p_tuning"
     example_args = {"num_virtual_tokens": 4, "encoder_hidden_size": 8}
-    config_class = peft.PromptEncoderConfig
+    config_class = "PromptEncoderConfig"
 
     def __init__(
         self,
