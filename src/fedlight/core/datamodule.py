@@ -103,9 +103,12 @@ class RoundBatchSampler(Sampler[list[tuple[int, int]]]):
 class RoundUnits(torch.utils.data.IterableDataset):
     """A round as work units for the engine's executors (``federation.execution`` other than ``steps``).
 
-    Item ``u`` is ``{"unit": [(client id, [collated batch of each local step]), ...]}``: one client
-    (``sequential``) or a group of clients (``grouped``), with exactly the batches the ``steps`` loader
-    would give them, so every execution trains on the same data in the same order.
+    Its one item, ``{"units": self}``, is the whole round (of this rank) as one Lightning batch: Lightning's
+    per-batch work (hooks, fetching, transfer) happens once per round, not once per client. Iterating it
+    yields unit ``u`` as ``[(client id, [collated batch of each local step]), ...]`` — one client
+    (``sequential``) or a group of clients (``grouped``) with exactly the batches the ``steps`` loader
+    would give them, collated when the executor reaches it (one unit's batches in memory at a time).
+    It is not a ``Sequence``, so Lightning passes it through to the training step untouched.
     """
 
     def __init__(
@@ -118,13 +121,17 @@ class RoundUnits(torch.utils.data.IterableDataset):
         self.sampler, self.units, self.dataset, self.collate = sampler, units, dataset, collate
 
     def __len__(self) -> int:
-        return len(self.units)
+        return 1  # Lightning batches: the round
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def __iter__(self) -> Iterator[Any]:
         # iterable: Lightning never re-samples it (on several devices each rank's units are its own already)
+        return iter([{"units": self}])
+
+    def work(self) -> Iterator[list[tuple[int, list[dict[str, Any]]]]]:
+        """The round's work units in order, each collated when it is reached."""
         return (self.unit(u) for u in range(len(self.units)))
 
-    def unit(self, u: int) -> dict[str, Any]:
+    def unit(self, u: int) -> list[tuple[int, list[dict[str, Any]]]]:
         plan, out = self.sampler.plan, []
         for k in self.units[u]:
             client = plan.training[k]
@@ -133,7 +140,7 @@ class RoundUnits(torch.utils.data.IterableDataset):
                 for keys in self.sampler.client_batches(client, plan.steps[k])
             ]
             out.append((client, batches))
-        return {"unit": out}
+        return out
 
 
 class FederatedDataModule(pl.LightningDataModule):

@@ -2,12 +2,14 @@
 
 * ``steps`` — every local step is one Lightning training step (Lightning's loop, precision plugin,
   gradient clipping and callbacks run per step; the reference behaviour).
-* ``sequential`` — a Lightning step is one whole client: the engine runs its local steps itself
+* ``sequential`` — a round is one Lightning step: the engine runs each client's local steps itself
   (:func:`fedlight.core.local.train_client`, what Lightning's automatic optimisation does per step),
-  without Lightning's per-step hooks. Same batches, same order, same result.
-* ``grouped`` — a Lightning step is a group of ``group_size`` clients trained side by side in one
-  vectorised step over the frozen backbone (:mod:`fedlight.core.grouped`); runs that cannot be
-  stacked (:func:`fedlight.core.compat.grouping_blocker`) run ``sequential`` with a one-line notice.
+  one client after another, without Lightning's per-step (or per-client) hooks. Same batches, same
+  order, same result.
+* ``grouped`` — a round is one Lightning step of groups of ``group_size`` clients, each group trained
+  side by side in one vectorised step over the frozen backbone (:mod:`fedlight.core.grouped`); runs
+  that cannot be stacked (:func:`fedlight.core.compat.grouping_blocker`) run ``sequential`` with a
+  one-line notice.
 
 Every execution trains each client on the batches the ``steps`` loader would give it, and the
 updates reach the server in plan order, so the round's result is the same up to float rounding.
@@ -22,9 +24,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from fedlight.core import compat
+from fedlight.core.datamodule import RoundUnits
 from fedlight.core.distributed import gather_round
 from fedlight.core.engine import RoundEngine
 from fedlight.core.grouped import GroupedTrainer
@@ -33,6 +36,10 @@ from fedlight.core.plan import RoundPlan
 from fedlight.errors import as_config_error
 
 EXECUTIONS = ("steps", "sequential", "grouped")
+# a round of work units is one Lightning batch from a one-item iterable dataset (RoundUnits): neither
+# Lightning warning about it applies (no worker shards it; fedlight logs per round, not per step)
+warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+warnings.filterwarnings("ignore", message=r"The number of training batches \(1\) is smaller than the logging interval")
 #: ``group_size: auto`` stacks up to this many clients (the memory of G batches' activations at once)
 AUTO_GROUP = 16
 
@@ -62,21 +69,71 @@ def check_trainer(execution: str, trainer: Any) -> None:
             )
 
 
-class ClientExecutor(pl.Callback):
+class Executor(pl.Callback):
+    """What every execution shares: a Lightning callback the federation callback adds after itself,
+    which ends the round after the epoch's last Lightning batch (the server's pipeline, then validation)."""
+
+    units: Any = None  # how a round's plan is cut into work units (None: one Lightning batch per local step)
+
+    def __init__(self, engine: RoundEngine) -> None:
+        self.engine = engine
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx != trainer.num_training_batches - 1:
+            return
+        if self.engine.current is not None:  # steps: the last client is still current
+            self.engine.finish_client()
+        r = self.engine.end_round()
+        for client_id, reason in (r.report.rejected if r.report else {}).items():
+            rank_zero_info(f"[fedlight] round {r.round}: rejected update of client {client_id}: {reason}")
+        if r.skipped:
+            rank_zero_warn(f"[fedlight] round {r.round}: {r.skipped}; round skipped, global model unchanged")
+
+
+class StepExecutor(Executor):
+    """``steps``: each Lightning batch is one local step of the client it is tagged with; a client starts
+    at its first batch (fresh optimizer state) and finishes when the next client's batch arrives."""
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        engine, client_id = self.engine, int(batch["client_id"][0])
+        if engine.current is None or engine.current.client_id != client_id:
+            if engine.current is not None:
+                engine.finish_client()
+            engine.start_client(client_id)
+            for optimizer in trainer.optimizers:  # every client starts with fresh optimizer state
+                optimizer.state.clear()
+            pl_module.skip_client = None
+        engine.on_batch(batch)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: Any, optimizer: Any) -> None:
+        self.engine.on_gradients(optimizer.param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        engine = self.engine
+        error = pl_module.pop_client_error()
+        if error is not None and engine.client_failed(client := engine.client_run.client_id, error):
+            rank_zero_warn(f"[fedlight] round {engine.round.round}: client {client} raised; excluded:\n{error}")
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            engine.record_loss(float(loss))
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+class ClientExecutor(Executor):
     """Cuts each round into work units and trains them (sequentially or grouped) for one run.
 
-    A Lightning callback the federation callback adds (after itself) for ``execution`` other than
-    ``steps``: at fit start it checks the trainer, takes over the module's optimisation and hands the
-    module its ``run_unit``; at each epoch's end it steps the epoch schedulers. On several devices the
-    round's last unit ends with every rank's round part gathered (:func:`fedlight.core.distributed.gather_round`).
+    For ``execution`` other than ``steps``: at fit start it checks the trainer, takes over the module's
+    optimisation and hands the module its ``run_units``; at each epoch's end it steps the epoch
+    schedulers. On several devices the round ends with every rank's round part gathered
+    (:func:`fedlight.core.distributed.gather_round`).
     """
 
     def __init__(self, engine: RoundEngine, execution: str, group_size: int | str) -> None:
-        self.engine, self.execution, self.group_size = engine, execution, group_size
+        super().__init__(engine)
+        self.execution, self.group_size = execution, group_size
         self.notice: str | None = None
         self.grouped: GroupedTrainer | None = None
         self.trainer: Any = None
-        self._units_left = 0  # of the round in progress, on this rank
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         engine = self.engine  # attached: the federation callback's on_fit_start ran first
@@ -94,7 +151,7 @@ class ClientExecutor(pl.Callback):
                 rank_zero_info(f"[fedlight] {self.notice}")
             else:
                 self.grouped = GroupedTrainer(engine)
-        engine.module.run_unit = self.run
+        engine.module.run_units = self.run
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Step the epoch-interval schedulers once per round, as Lightning's automatic optimisation would."""
@@ -119,7 +176,6 @@ class ClientExecutor(pl.Callback):
         size = 1 if self.execution == "sequential" else (AUTO_GROUP if self.group_size == "auto" else self.group_size)
         assert isinstance(size, int)
         units = [positions[i : i + size] for i in range(0, len(positions), size)] or [[]]
-        self._units_left = len(units)
         return units
 
     def _optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
@@ -130,18 +186,18 @@ class ClientExecutor(pl.Callback):
             group["lr"] = lr
         return optimizer
 
-    def run(self, unit: Sequence[tuple[int, Sequence[dict[str, Any]]]]) -> None:
-        """Train one work unit's clients (their updates go to the engine); a client that raises is excluded.
-        After this rank's last unit of the round, every rank's round part reaches every rank."""
+    def run(self, work: RoundUnits) -> None:
+        """Train the round's work units on this rank (their updates go to the engine); a client that raises is
+        excluded. On several devices every rank's round part then reaches every rank."""
         failed = set(self.engine.round.failed)
-        if unit:
-            self._train(unit)
+        for unit in work.work():
+            if unit:  # on the module's device, through the module's batch-transfer hooks
+                self._train(self.trainer.strategy.batch_to_device(unit))
         for client, error in self.engine.round.failed.items():
             if client not in failed and error.startswith("Traceback"):  # not a pipeline's refusal
                 message = f"[fedlight] round {self.engine.round.round}: client {client} raised; excluded:\n{error}"
                 warnings.warn(message, UserWarning, stacklevel=2)
-        self._units_left -= 1
-        if self._units_left == 0 and self.trainer.world_size > 1:
+        if self.trainer.world_size > 1:
             gather_round(self.engine, self.trainer.world_size)
 
     def _train(self, unit: Sequence[tuple[int, Sequence[dict[str, Any]]]]) -> None:
@@ -155,3 +211,8 @@ class ClientExecutor(pl.Callback):
         for client_id, batches in unit:
             make = partial(self._optimizer, params)
             train_client(self.engine, client_id, batches, make, clip_val=clip_val, clip_algorithm=clip_algorithm)
+
+
+def make_executor(engine: RoundEngine, execution: str, group_size: int | str) -> Executor:
+    """The callback that runs ``federation.execution`` for one run."""
+    return StepExecutor(engine) if execution == "steps" else ClientExecutor(engine, execution, group_size)

@@ -30,7 +30,8 @@ def train_client(
     """``engine.start_client`` → local steps over ``batches`` → ``engine.finish_client`` (the update or None)."""
     module = engine.module
     engine.start_client(client_id)
-    module.train()
+    if not module.net.training:  # Lightning's fit loop has set train mode already (train() walks every module)
+        module.train()
     optimizer = make_optimizer()  # fresh optimizer state for every client, as in `fedlight fit`
     params = [p for p in module.model.parameters() if p.requires_grad]
     step = module.private_step  # per-example privacy (DP-SGD), else the task's own step

@@ -77,8 +77,9 @@ class FederatedModule(pl.LightningModule):
         self._client_error: str | None = None
         #: set by the federation callback for per-example privacy (DP-SGD): (model, task, batch) -> StepOutput
         self.private_step = None
-        #: set by the federation callback under unit execution: trains one work unit of clients
-        self.run_unit: Any = None
+        #: set by the federation callback under unit execution: trains a round's work units of clients
+        self.run_units: Any = None
+        self._eval_loss: dict[str, tuple[torch.Tensor, int]] = {}  # prefix -> (Σ loss·n, Σ n) of an evaluation
         # round checkpoints omit the frozen backbone (rebuilt from its source), see on_save_checkpoint
         self.strict_loading = False
         #: frozen weights a merging aggregator changed (set by the federation callback): checkpointed
@@ -147,12 +148,13 @@ class FederatedModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         """One local step; a client whose step raises is isolated (None skips the optimizer step).
 
-        Under ``federation.execution: sequential | grouped`` a batch is a work unit of whole clients,
-        which the federation callback's executor trains (``run_unit``); Lightning's own step is then empty.
+        Under ``federation.execution: sequential | grouped`` the one batch of a round holds its work units
+        of whole clients, which the federation callback's executor trains (``run_units``); Lightning's own
+        step is then empty.
         """
-        if "unit" in batch:
-            assert self.run_unit is not None, "the federation callback sets run_unit for work-unit batches"
-            self.run_unit(batch["unit"])
+        if "units" in batch:
+            assert self.run_units is not None, "the federation callback's executor sets run_units"
+            self.run_units(batch["units"])
             return None
         client = int(batch["client_id"][0]) if "client_id" in batch else None
         if client is not None and client == self.skip_client:
@@ -179,7 +181,18 @@ class FederatedModule(pl.LightningModule):
     def _eval_step(self, batch: dict[str, Any], metrics, prefix: str) -> None:
         out = self.task.step(self.net, batch)
         metrics.update(out.preds, out.target)
-        self.log(f"{prefix}loss", out.loss, on_epoch=True, prog_bar=prefix == "val_", batch_size=len(out.target))
+        # the batch-size-weighted mean loss, summed as Lightning's on_epoch mean sums it but logged once per
+        # epoch (_log_eval_loss): a self.log per batch cost ~1.5 ms, more than a tiny model's eval batch
+        loss = out.loss.detach()
+        loss = loss if loss.dtype in (torch.float32, torch.float64) else loss.float()
+        total, count = self._eval_loss.get(prefix, (torch.tensor(0.0, device=loss.device), 0))
+        self._eval_loss[prefix] = (total + loss * len(out.target), count + len(out.target))
+
+    def _log_eval_loss(self, prefix: str) -> None:
+        total, count = self._eval_loss.pop(prefix, (None, 0))
+        if count:
+            mean = total / torch.tensor(count, device=total.device)
+            self.log(f"{prefix}loss", mean, prog_bar=prefix == "val_", batch_size=1)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val_")
@@ -227,11 +240,19 @@ class FederatedModule(pl.LightningModule):
                 metrics.update({f"{prefix}{evaluator.label}_{k}": float(v) for k, v in result.metrics.items()})
                 samples.extend({"evaluator": evaluator.label, **s} for s in result.samples)
         finally:
-            self.net.train(was_training)
+            if was_training:  # train mode through train(): frozen-scale BatchNorm stays in eval
+                self.train()
         self._evaluator_keys.update(metrics)
         return metrics, samples
 
+    def on_validation_epoch_start(self) -> None:
+        self._eval_loss.pop("val_", None)  # nothing of an evaluation that did not finish
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_loss.pop("test_", None)
+
     def on_validation_epoch_end(self) -> None:
+        self._log_eval_loss("val_")
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
         self.val_metrics.reset()
         if not self.trainer.sanity_checking:
@@ -247,6 +268,7 @@ class FederatedModule(pl.LightningModule):
         self._eval_step(batch, self.test_metrics, "test_")
 
     def on_test_epoch_end(self) -> None:
+        self._log_eval_loss("test_")
         self.log_dict(self.test_metrics.compute())
         self.test_metrics.reset()
 
@@ -270,7 +292,8 @@ class FederatedModule(pl.LightningModule):
         results = {f"{prefix}loss": total / max(count, 1), **{k: float(v) for k, v in metrics.compute().items()}}
         if generate:
             results.update(self.generation_metrics(prefix))
-        self.net.train(was_training)
+        if was_training:  # train mode through train(): frozen-scale BatchNorm stays in eval
+            self.train()
         return results
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from jsonargparse import lazy_instance
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from fedlight.aggregators.base import Aggregator
 from fedlight.aggregators.fedavg import FedAvg
@@ -23,13 +23,12 @@ from fedlight.codecs.identity import IdentityCodec
 from fedlight.core.checkpoint import AtomicCheckpointIO, capture_rng, restore_rng
 from fedlight.core.datamodule import FederatedDataModule
 from fedlight.core.engine import Population
-from fedlight.core.executors import ClientExecutor
+from fedlight.core.executors import make_executor
 from fedlight.core.faults import ClientFaults
 from fedlight.core.federation import FederationOptions
 from fedlight.core.heterogeneity import ComputeTiers
-from fedlight.core.manifest import build_manifest, format_manifest, write_manifest
 from fedlight.core.module import FederatedModule
-from fedlight.core.round_callbacks import AdapterExport, RoundCheckpoint, check_trainer, log_row, remove_stale_run_files
+from fedlight.core.round_callbacks import AdapterExport, RoundCheckpoint, RunRecords, check_trainer
 from fedlight.core.runlog import RunLog
 from fedlight.core.server import DEFAULT_MAX_NORM_OVER_MEDIAN
 from fedlight.core.storage import check_writable, ensure_dir, release_loggers
@@ -116,14 +115,12 @@ class FederatedRound(pl.Callback):
         self.options = FederationOptions(**options)
         self.engine = self.options.build_engine()
         self.rounds = rounds
-        self._log: RunLog | None = None
-        #: runs clients in work units (execution other than steps), a callback added at setup
-        self.executor = None if execution == "steps" else ClientExecutor(self.engine, execution, group_size)
+        self.executor = make_executor(self.engine, execution, group_size)  # a callback added at setup
 
     # what scripts and tests read of a run (the engine owns it)
     _ENGINE_VIEWS = frozenset(
         {"global_state", "history", "client_store", "initial_local", "client", "server", "privacy", "total_uplink",
-         "total_downlink"}
+         "total_downlink", "plan_for", "skips_round"}
     )  # fmt: skip
 
     def __getattr__(self, name: str) -> Any:
@@ -132,12 +129,8 @@ class FederatedRound(pl.Callback):
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     aggregator = property(lambda self: self.engine.server.aggregator)
-    faults = property(lambda self: self.options.faults)
-    plan = property(lambda self: self.engine.round.plan if self.engine.round else None)
     client_method = property(lambda self: self.options.client_method)
     malicious = property(lambda self: getattr(self.engine.feature("malicious_clients"), "malicious", frozenset()))
-    plan_for = property(lambda self: self.engine.plan_for)  # round -> RoundPlan (same seed -> same clients)
-    skips_round = property(lambda self: self.engine.skips_round)
     base_total = property(lambda self: self.engine.frozen_changes())  # what an export must fold in
 
     def summary(self) -> str:
@@ -159,16 +152,15 @@ class FederatedRound(pl.Callback):
         o = self.options
         with as_config_error():
             self.engine.bind(Population(tuple(dm.client_sizes), dm.batch_size), dm)
-        dm.set_planner(self.engine.plan_for, self.executor.units if self.executor else None)
-        extra = [RoundCheckpoint(self, o.checkpoint_every), AdapterExport(self, o.export_every, o.export_merged)]
-        for callback in [*([self.executor] if self.executor else []), *extra]:  # they run after this one
+        dm.set_planner(self.engine.plan_for, self.executor.units)
+        extra = [
+            RunRecords(self),
+            RoundCheckpoint(self, o.checkpoint_every),
+            AdapterExport(self, o.export_every, o.export_merged),
+        ]
+        for callback in [self.executor, *extra]:  # they run after this one, in this order
             if not any(type(c) is type(callback) for c in trainer.callbacks):
                 trainer.callbacks.append(callback)
-
-    @property
-    def run_log(self) -> RunLog:
-        assert self._log is not None, "on_fit_start opens the run log"
-        return self._log
 
     def log_dir(self, trainer: pl.Trainer) -> Path:
         return ensure_dir(Path(trainer.log_dir or trainer.default_root_dir))
@@ -177,75 +169,21 @@ class FederatedRound(pl.Callback):
         release_loggers(trainer, exception)  # so a StorageError is the one message the run ends with
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
-        log_dir = self.log_dir(trainer)
-        if trainer.is_global_zero:  # temporaries of writes a killed run left (*.ckpt.tmp, rounds.csv.tmp, exports)
-            remove_stale_run_files(log_dir, trainer.ckpt_path)
         with as_config_error():
             self.engine.attach(pl_module)
-        self._log = RunLog(log_dir, enabled=trainer.is_global_zero)
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
-        engine = self.engine
-        log_dir = self.log_dir(trainer)
-        if trainer.current_epoch == 0 and not engine.history and trainer.is_global_zero:
-            manifest = build_manifest(pl_module, engine.client.uplink, engine.client.downlink)
-            write_manifest(manifest, log_dir / "manifest.json")
-            rank_zero_info(format_manifest(manifest))
-        if trainer.current_epoch == 0 and not engine.history and self.options.eval_before_training:
-            engine.append_row({"round": 0, "num_clients": 0, **pl_module.evaluate(trainer.datamodule.val_dataloader())})
-            self.run_log.write(engine.history, pl_module, 0)
-            log_row(trainer, engine.history[-1])
 
     # --- the round ------------------------------------------------------------------------------
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
         self.engine.begin_round(trainer.current_epoch + 1)
 
-    def on_train_batch_start(self, trainer, pl_module: FederatedModule, batch: Any, batch_idx: int) -> None:
-        if "unit" in batch:  # a work unit: the executor runs its clients in the module's training_step
-            return
-        engine, client_id = self.engine, int(batch["client_id"][0])
-        if engine.current is None or engine.current.client_id != client_id:
-            if engine.current is not None:
-                engine.finish_client()
-            engine.start_client(client_id)
-            for optimizer in trainer.optimizers:  # every client starts with fresh optimizer state
-                optimizer.state.clear()
-            pl_module.skip_client = None
-        engine.on_batch(batch)
-
-    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: FederatedModule, optimizer) -> None:
-        self.engine.on_gradients(optimizer.param_groups[0]["lr"])
-
-    def on_train_batch_end(self, trainer, pl_module: FederatedModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        engine = self.engine
-        error = pl_module.pop_client_error()
-        if error is not None and engine.client_failed(client := engine.client_run.client_id, error):
-            rank_zero_warn(f"[fedlight] round {engine.round.round}: client {client} raised; excluded:\n{error}")
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            engine.record_loss(float(loss))
-        if batch_idx == trainer.num_training_batches - 1:
-            if engine.current is not None:  # steps: the last client is still current
-                engine.finish_client()
-            r = engine.end_round()
-            for client_id, reason in (r.report.rejected if r.report else {}).items():
-                rank_zero_info(f"[fedlight] round {r.round}: rejected update of client {client_id}: {reason}")
-            if r.skipped:
-                rank_zero_warn(f"[fedlight] round {r.round}: {r.skipped}; round skipped, global model unchanged")
-
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_") and v.numel() == 1}
-        row = self.engine.round_row(metrics)
-        self.run_log.write(self.engine.history, pl_module, self.engine.round.round)
-        log_row(trainer, row)
+        self.engine.round_row(metrics)  # the run's records write it (RunRecords, after this callback)
         reason = self.engine.stop_reason()
         if reason:
             rank_zero_warn(f"[fedlight] stopping after round {self.engine.round.round}: {reason}")
             trainer.should_stop = True
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: FederatedModule) -> None:
-        rank_zero_info(self.summary())
 
     # --- checkpointing --------------------------------------------------------------------------
 

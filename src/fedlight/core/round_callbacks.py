@@ -1,6 +1,6 @@
-"""The Lightning side of a round besides the glue: round checkpoints and adapter exports (ordinary
-callbacks the federation callback adds, run after it at every round end, so the round's row is already in
-the history they save), the trainer checks, and round metrics for Lightning's loggers.
+"""The Lightning side of a round besides the glue: the run's records (manifest, round 0, ``rounds.csv`` and
+Lightning's loggers), round checkpoints and adapter exports (ordinary callbacks the federation callback adds,
+run after it at every round end, so the round's row is already in the history they save) and the trainer checks.
 """
 
 from __future__ import annotations
@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 
 from fedlight.core.checkpoint import atomic_copy
 from fedlight.core.export import export_adapter
+from fedlight.core.manifest import build_manifest, format_manifest, write_manifest
+from fedlight.core.runlog import RunLog
 from fedlight.core.storage import remove_stale_tmp
 from fedlight.errors import ConfigError
 
@@ -26,6 +29,46 @@ def remove_stale_run_files(log_dir: Path, ckpt_path: str | None) -> None:
 
 def _due(every: int, round_idx: int, rounds: int) -> bool:
     return bool(every) and (round_idx % every == 0 or round_idx == rounds)
+
+
+class RunRecords(pl.Callback):
+    """What a run writes for people and tools: ``manifest.json`` and round 0 before the first round,
+    then after every round its ``rounds.csv`` row (and generations) and the row in every Lightning logger."""
+
+    def __init__(self, federation: Any) -> None:
+        self.federation = federation
+        self.log: RunLog | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        log_dir = self.federation.log_dir(trainer)
+        if trainer.is_global_zero:  # temporaries of writes a killed run left (*.ckpt.tmp, rounds.csv.tmp, exports)
+            remove_stale_run_files(log_dir, trainer.ckpt_path)
+        self.log = RunLog(log_dir, enabled=trainer.is_global_zero)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        engine = self.federation.engine
+        if trainer.current_epoch or engine.history:  # resumed: written by the run that started it
+            return
+        log_dir = self.federation.log_dir(trainer)  # on every rank: trainer.log_dir is a collective under DDP
+        if trainer.is_global_zero:
+            manifest = build_manifest(pl_module, engine.client.uplink, engine.client.downlink)
+            write_manifest(manifest, log_dir / "manifest.json")
+            rank_zero_info(format_manifest(manifest))
+        if self.federation.options.eval_before_training:
+            engine.append_row({"round": 0, "num_clients": 0, **pl_module.evaluate(trainer.datamodule.val_dataloader())})
+            self._record(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rank_zero_info(RunLog.summary(self.federation.engine))
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        history = self.federation.engine.history
+        assert self.log is not None, "on_fit_start opens the run log"
+        self.log.write(history, pl_module, history[-1]["round"])
+        log_row(trainer, history[-1])
 
 
 class RoundCheckpoint(pl.Callback):
