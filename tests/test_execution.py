@@ -177,6 +177,63 @@ def test_text_batches_of_different_padded_lengths_are_grouped_in_buckets(determi
     _assert_equal_runs(runs, atol=5e-5)
 
 
+def test_clients_with_fewer_examples_than_a_batch_share_one_padded_bucket(tmp_path, monkeypatch):
+    """Non-IID clients with a few examples (batch = their whole data) are padded into the step's one
+    bucket, not vmapped one size at a time; the round still equals steps."""
+    from fedlight.core import grouped
+
+    calls: list[list[int]] = []  # per vmapped bucket: its batch sizes (after padding)
+    step = grouped.GroupedTrainer._bucket_step
+
+    def spy(self, bucket, batches, *args):
+        calls.append([len(b["labels"]) for b in batches])
+        return step(self, bucket, batches, *args)
+
+    monkeypatch.setattr(grouped.GroupedTrainer, "_bucket_step", spy)
+    data = {
+        "num_clients": 300,
+        "batch_size": 8,
+        "partitioner": {"class_path": "dirichlet", "init_args": {"alpha": 0.5, "min_size": 1}},
+    }
+    federation = {**BASE, "clients_per_round": 8, "rounds": 2}
+    make = lambda d: vision_config(d, data=data, federation=federation)  # noqa: E731
+    runs = _runs(tmp_path, make, ("steps", "grouped"))
+    _assert_equal_runs(runs)
+    assert calls and all(len(set(c)) == 1 for c in calls)  # every bucket one batch size
+    # some planned clients had fewer than 8 examples: without padding their steps would be buckets of their own
+    fed = runs["grouped"]
+    sizes = {fed.engine.population.client_sizes[c] for r in (1, 2) for c in fed.plan_for(r).training}
+    assert min(sizes) < 8 <= max(sizes), sizes  # clients with fewer examples than a batch, and with more
+    assert len(calls) == 2 * BASE["local_steps"]  # one bucket per local step of each round's one group
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_padding_a_batch_with_ignored_labels_leaves_loss_and_gradients_unchanged(seed):
+    """Generated batches: padded to a larger size with -100 labels, F.cross_entropy's loss and gradients are
+    those of the batch itself; soft (float) labels and tensors without the example dimension are not padded."""
+    from fedlight.core.grouped import _pad, _row_signature
+
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 8, (1,), generator=g))
+    size = n + int(torch.randint(0, 9, (1,), generator=g))
+    batch = {"images": torch.randn(n, 5, generator=g), "labels": torch.randint(0, 3, (n,), generator=g),
+             "client_id": torch.full((n,), seed)}  # fmt: skip
+    weight = torch.randn(5, 3, generator=g, requires_grad=True)
+
+    def loss_grad(b):
+        loss = torch.nn.functional.cross_entropy(b["images"] @ weight, b["labels"])
+        return loss, torch.autograd.grad(loss, weight)[0]
+
+    padded = _pad(batch, size, ("labels",))
+    assert len(padded["images"]) == size and (padded["labels"][n:] == -100).all()
+    (loss, grad), (loss_p, grad_p) = loss_grad(batch), loss_grad(padded)
+    assert torch.allclose(loss, loss_p, atol=1e-6) and torch.allclose(grad, grad_p, atol=1e-6)
+    assert _row_signature(batch, ("labels",)) == _row_signature(padded, ("labels",))
+    assert _row_signature({**batch, "labels": batch["labels"].float()}, ("labels",)) is None
+    assert _row_signature({**batch, "scale": torch.tensor(1.0)}, ("labels",)) is None
+    assert _row_signature(batch, ()) is None
+
+
 def test_grouped_resumes_from_a_round_checkpoint_like_an_uninterrupted_run(tmp_path):
     from fedlight.cli import run_cli
 

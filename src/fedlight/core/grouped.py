@@ -13,9 +13,12 @@ the clients one after another:
   the remaining steps (its slot is restored after every later optimizer step);
 * round features see every client as the current one around its own batches, in sequential order.
 
-Batches of different shapes (a short last batch, padded text of other lengths) are vmapped in buckets
-of equal shape; a bucket that raises is retried slot by slot, so a crashing client is isolated as in
-the sequential path. What cannot be stacked (per-example DP-SGD, features keeping per-client state in
+Batches of different shapes (a short client's smaller batch, padded text of other lengths) are vmapped
+in buckets of equal shape. Where the task declares labels its loss ignores (``Task.ignore_label_keys``,
+``F.cross_entropy``'s -100), batches that differ only in their number of examples share one bucket: the
+shorter are padded with copies of their first example labelled -100, which changes neither the loss
+nor the gradients (non-IID clients with a few examples would otherwise cost a vmap call each). A bucket
+that raises is retried slot by slot, so a crashing client is isolated as in the sequential path. What cannot be stacked (per-example DP-SGD, features keeping per-client state in
 local training, non-elementwise optimizers, BatchNorm in train mode) is refused by
 :func:`fedlight.core.compat.grouping_blocker` and runs sequentially.
 """
@@ -30,7 +33,7 @@ import torch
 
 from fedlight.core.engine import ClientRun, RoundEngine
 from fedlight.core.update import ClientUpdate
-from fedlight.tasks.base import TaskLoss
+from fedlight.tasks.base import IGNORE_INDEX, TaskLoss
 
 Batch = dict[str, Any]
 
@@ -40,6 +43,38 @@ def _signature(batch: Batch) -> tuple:
     return tuple(
         (k, (tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else repr(v)) for k, v in sorted(batch.items())
     )
+
+
+def _row_signature(batch: Batch, label_keys: tuple[str, ...]) -> tuple | None:
+    """The signature of ``batch`` without its number of examples, where padding it is exact: every tensor
+    has the examples as its first dimension and the labels are class indices; else None."""
+    if not label_keys or not all(isinstance(batch.get(k), torch.Tensor) for k in label_keys):
+        return None
+    n = len(batch[label_keys[0]])
+    if any(torch.is_floating_point(batch[k]) for k in label_keys):
+        return None  # soft labels: -100 would not be ignored
+    signature = []
+    for k, v in sorted(batch.items()):
+        if isinstance(v, torch.Tensor):
+            if v.dim() == 0 or v.shape[0] != n:
+                return None
+            signature.append((k, (tuple(v.shape[1:]), v.dtype)))
+        else:
+            signature.append((k, repr(v)))
+    return ("rows", *signature)
+
+
+def _pad(batch: Batch, size: int, label_keys: tuple[str, ...]) -> Batch:
+    """``batch`` with ``size`` examples: copies of its first example, labelled ``IGNORE_INDEX``, appended."""
+    n = len(batch[label_keys[0]])
+    if n == size:
+        return batch
+    padded = dict(batch)
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            fill = v[:1].expand(size - n, *v.shape[1:])
+            padded[k] = torch.cat([v, torch.full_like(fill, IGNORE_INDEX) if k in label_keys else fill])
+    return padded
 
 
 def _stack(batches: Sequence[Batch]) -> tuple[Batch, Batch]:
@@ -58,6 +93,7 @@ class GroupedTrainer:
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = dict(model.named_parameters())
         self.loss = TaskLoss(model, engine.module.task)
+        self.label_keys: tuple[str, ...] = tuple(engine.module.task.ignore_label_keys)
         # timm's fused attention (scaled_dot_product_attention) has no vmap batching rule for its CPU
         # kernel: vmapped, it runs slot by slot. Grouped steps use timm's explicit attention (same maths).
         self.fused = [m for m in model.modules() if getattr(m, "fused_attn", None) is True]
@@ -135,10 +171,17 @@ class GroupedTrainer:
             self.engine.resume_client(runs[i])
             self.engine.on_batch(batch)
             self.engine.suspend_client()
-            slots, batches = by_signature.setdefault(_signature(batch), ([], []))
+            key = _row_signature(batch, self.label_keys) or _signature(batch)
+            slots, batches = by_signature.setdefault(key, ([], []))
             slots.append(i)
             batches.append(batch)
-        return {tuple(slots): batches for slots, batches in by_signature.values()}
+        buckets = {}
+        for key, (slots, batches) in by_signature.items():
+            if key[0] == "rows":  # one bucket of the largest batch size, the shorter ones padded
+                size = max(len(b[self.label_keys[0]]) for b in batches)
+                batches = [_pad(b, size, self.label_keys) for b in batches]
+            buckets[tuple(slots)] = batches
+        return buckets
 
     def _bucket_step(self, bucket, batches, stacked, grads, runs) -> None:
         index = torch.tensor(bucket)

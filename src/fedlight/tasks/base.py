@@ -44,6 +44,10 @@ class GenerationEval:
     samples: list[tuple[str, str, str]] = field(default_factory=list)
 
 
+#: the label value a classification loss ignores (``torch.nn.functional.cross_entropy``'s default)
+IGNORE_INDEX = -100
+
+
 class Task(Plugin):
     """Base class: what model to build and how a batch becomes a loss and metrics.
 
@@ -52,6 +56,11 @@ class Task(Plugin):
     """
 
     family: ClassVar[str] = ""
+    #: Capability read by grouped execution: batch keys of per-example labels whose value ``IGNORE_INDEX``
+    #: (-100) the task's loss ignores, its loss being the mean over the other labels (``F.cross_entropy``'s
+    #: default). A short batch may then be padded to its group's batch size with copies of its first example
+    #: labelled -100, which leaves the loss and gradients as they are; () = never padded.
+    ignore_label_keys: ClassVar[tuple[str, ...]] = ()
     #: the base's quantization (:class:`fedlight.tasks.quantization.Quantization`), None for a float base
     quantization: Any = None
 

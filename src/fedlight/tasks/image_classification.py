@@ -46,6 +46,7 @@ class ImageClassification(Task):
 
     name = "image_classification"
     family = "timm"
+    ignore_label_keys = ("labels",)  # F.cross_entropy ignores -100
     example_args: ClassVar[dict[str, Any]] = {
         "model": "vit_tiny_patch16_224",
         "image_size": 16,

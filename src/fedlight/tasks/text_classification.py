@@ -31,6 +31,7 @@ class TextClassification(Task):
 
     name = "text_classification"
     family = "transformers"
+    ignore_label_keys = ("labels",)  # F.cross_entropy ignores -100
 
     def __init__(
         self,
