@@ -215,7 +215,7 @@ def test_a_lazy_class_is_listed_from_source_and_imported_only_on_use(tmp_path, m
 def test_a_lazy_class_is_validated_when_used(tmp_path, monkeypatch, target, match):
     pkg = _lazy_package(tmp_path, monkeypatch, {"impl": _LAZY_MODULE})
     registry = build_registry(autoload=False, extra=[_hooks("fedlight_aggregators", f"{pkg}.impl:{target}")])
-    name = next(n for n, e in registry.entries["aggregators"].items() if e.import_path.endswith(target))
+    name = next(n for n, e in registry.entries["aggregators"].items() if e.import_path == f"{pkg}.impl.{target}")
     with pytest.raises(PluginError, match=match):
         registry.get("aggregators", name)
 
@@ -313,3 +313,34 @@ def test_reading_a_class_from_source_agrees_with_importing_it(tmp_path, monkeypa
         registry.add("aggregators", path, "gen")
         (entry,) = registry.entries["aggregators"].values()
         assert (entry.name, entry.summary, entry.cls) == (cls.name, cls.summary(), cls)
+
+
+@pytest.mark.parametrize(
+    ("module", "target", "expected"),
+    [
+        ("import some_missing_dependency\n" + _LAZY_MODULE, "Mean", ["some_missing_dependency", "uninstall"]),
+        (_LAZY_MODULE, "NotAPlugin", ["not a subclass of Aggregator"]),
+    ],
+)
+def test_fit_with_a_broken_lazy_class_is_one_clear_error_before_training(
+    tmp_path, monkeypatch, capsys, module, target, expected
+):
+    import yaml
+    from conftest import vision_config
+
+    from fedlight.cli import main
+
+    pkg = _lazy_package(tmp_path, monkeypatch, {"impl": module})
+    registry = build_registry(autoload=False, extra=[_hooks("fedlight_aggregators", f"{pkg}.impl:{target}")])
+    name = next(n for n, e in registry.entries["aggregators"].items() if e.import_path == f"{pkg}.impl.{target}")
+    plugins.set_registry(registry)
+    try:
+        cfg = vision_config(tmp_path, federation={"aggregator": {"class_path": name}})
+        path = tmp_path / "cfg.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        assert main(["fit", "--config", str(path), "--trainer.logger", "false"]) == 2
+    finally:
+        plugins.set_registry(None)
+    err = capsys.readouterr().err
+    assert "fedlight: error: federation.aggregator" in err and all(e in err for e in expected), err[-2000:]
+    assert "Traceback" not in err and not (tmp_path / "runs").exists()
