@@ -185,7 +185,13 @@ def _lazy_package(tmp_path, monkeypatch, files: dict[str, str]) -> str:
     return package
 
 
-def _hooks(kind_hook: str, *paths: str) -> types.ModuleType:
+class _Eager(Aggregator):
+    """An eagerly registered class next to a lazy one."""
+
+    name = "eager_mean"
+
+
+def _hooks(kind_hook: str, *paths: str | type) -> types.ModuleType:
     hooks = types.ModuleType(f"hooks_{abs(hash(paths))}")
     setattr(hooks, kind_hook, hookimpl(lambda: list(paths)))
     return hooks
@@ -232,7 +238,7 @@ def test_a_lazy_class_whose_module_cannot_import_fails_on_use_naming_the_package
 
 def test_a_lazy_path_to_nothing_marks_its_package_failed_in_fedlight_plugins(tmp_path, monkeypatch):
     pkg = _lazy_package(tmp_path, monkeypatch, {"impl": _LAZY_MODULE, "broken": "class Half(:\n"})
-    good = _hooks("fedlight_aggregators", f"{pkg}.impl:Mean")
+    good = _hooks("fedlight_aggregators", f"{pkg}.impl:Mean", _Eager)  # strings and classes mix
     bad = _hooks("fedlight_codecs", f"{pkg}.impl:Missing")
     for paths, reason in [
         ((f"{pkg}.impl:Missing",), "defines no class 'Missing'"),
@@ -263,6 +269,7 @@ def test_a_lazy_path_to_nothing_marks_its_package_failed_in_fedlight_plugins(tmp
     print_plugins(out)
     text = out.getvalue()
     assert f"  {'lazy_mean':<22} Plain mean of the deltas (a lazily registered test plugin).  [good-pkg]" in text
+    assert f"  {'eager_mean':<22} An eagerly registered class next to a lazy one.  [good-pkg]" in text
     assert "failed to load plugin package bad-pkg: fedlight_codecs returned" in text and "'Missing'" in text
     assert f"{pkg}.impl" not in sys.modules
 
