@@ -126,15 +126,15 @@ class Entry:
         return self.target
 
 
-def _check_class(kind: str, cls: object, provider: str) -> str:
-    """The short name of a plugin class, after checking it subclasses the kind's base and names itself."""
+def _check_class(kind: str, cls: object, provider: str) -> type[Plugin]:
+    """``cls``, after checking it subclasses the kind's base and defines its own short ``name``."""
     base = kinds()[kind][1]
     if not (isinstance(cls, type) and issubclass(cls, base) and issubclass(cls, Plugin)):
         raise PluginError(f"{provider}: {kind} hook returned {cls!r}, which is not a subclass of {base.__name__}")
     name = getattr(cls, "name", "")
     if not name or "name" not in vars(cls):
         raise PluginError(f"{provider}: {cls.__qualname__} must define its own short `name`")
-    return name
+    return cls
 
 
 class _NotFound(Exception):
@@ -203,10 +203,12 @@ def _load_lazy(entry: Entry) -> type[Plugin]:
     """Import a lazily registered class and check it is what its source said (base class, own ``name``)."""
     assert isinstance(entry.target, str)
     cls = _import_class(entry.target, entry.provider, f"{entry.kind[:-1].replace('_', ' ')} {entry.name!r}")
-    name = _check_class(entry.kind, cls, entry.provider)
-    if name != entry.name:
-        raise PluginError(f"{entry.provider}: {entry.target} was listed as {entry.name!r} but its `name` is {name!r}")
-    return cls
+    plugin = _check_class(entry.kind, cls, entry.provider)
+    if plugin.name != entry.name:
+        raise PluginError(
+            f"{entry.provider}: {entry.target} was listed as {entry.name!r} but its `name` is {plugin.name!r}"
+        )
+    return plugin
 
 
 @dataclass
@@ -220,24 +222,24 @@ class Registry:
         """Register a class, or lazily a ``"module:Class"`` path (read without importing, see :func:`_read_lazy`)."""
         if isinstance(cls, str):
             read = _read_lazy(cls)
-            if read is None:  # the source cannot tell its name and summary: import it to read them
-                try:
-                    cls = _import_class(cls, provider, f"{kind} class")
-                except PluginError as err:
-                    raise _NotFound(str(err)) from err
-        if isinstance(cls, str):
-            name, summary = read
-            entry = Entry(kind, name, cls, provider, summary)
-        else:
-            name = _check_class(kind, cls, provider)
-            entry = Entry(kind, name, cls, provider, cls.summary())
-        known = self.entries[kind].get(name)
+            if read is not None:
+                self._put(Entry(kind, read[0], cls, provider, read[1]))
+                return
+            try:  # the source cannot tell its name and summary: import it to read them
+                cls = _import_class(cls, provider, f"{kind} class")
+            except PluginError as err:
+                raise _NotFound(str(err)) from err
+        plugin = _check_class(kind, cls, provider)
+        self._put(Entry(kind, plugin.name, plugin, provider, plugin.summary()))
+
+    def _put(self, entry: Entry) -> None:
+        known = self.entries[entry.kind].get(entry.name)
         if known is not None and known.import_path != entry.import_path:
             raise PluginError(
-                f"duplicate {kind} plugin name {name!r}: {known.import_path} (from {known.provider}) "
-                f"and {entry.import_path} (from {provider}); one must be renamed"
+                f"duplicate {entry.kind} plugin name {entry.name!r}: {known.import_path} (from {known.provider}) "
+                f"and {entry.import_path} (from {entry.provider}); one must be renamed"
             )
-        self.entries[kind][name] = entry
+        self.entries[entry.kind][entry.name] = entry
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.entries[kind])
