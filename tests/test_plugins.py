@@ -239,9 +239,9 @@ def test_a_lazy_class_whose_module_cannot_import_fails_on_use_naming_the_package
 def test_a_lazy_path_to_nothing_marks_its_package_failed_in_fedlight_plugins(tmp_path, monkeypatch):
     pkg = _lazy_package(tmp_path, monkeypatch, {"impl": _LAZY_MODULE, "broken": "class Half(:\n"})
     good = _hooks("fedlight_aggregators", f"{pkg}.impl:Mean", _Eager)  # strings and classes mix
-    bad = _hooks("fedlight_codecs", f"{pkg}.impl:Missing")
+    bad = _hooks("fedlight_codecs", "no_such_module_xyz.impl:C")
     for paths, reason in [
-        ((f"{pkg}.impl:Missing",), "defines no class 'Missing'"),
+        ((f"{pkg}.impl:Missing",), "has no attribute 'Missing'"),
         (("no_such_module_xyz.impl:C",), "no_such_module_xyz"),
         ((f"{pkg}.impl.Mean",), "is not a 'package.module:Class' path"),
         ((f"{pkg}.broken:Half",), "cannot parse module"),
@@ -265,12 +265,13 @@ def test_a_lazy_path_to_nothing_marks_its_package_failed_in_fedlight_plugins(tmp
         lambda group=None, **kw: [_EntryPoint("good", good), _EntryPoint("bad", bad)] if group == "fedlight" else [],
     )
     monkeypatch.delenv(plugins.DISABLE_AUTOLOAD_ENV, raising=False)
+    sys.modules.pop(f"{pkg}.impl", None)  # the `Missing` case imported it to look
     out = io.StringIO()
     print_plugins(out)
     text = out.getvalue()
     assert f"  {'lazy_mean':<22} Plain mean of the deltas (a lazily registered test plugin).  [good-pkg]" in text
     assert f"  {'eager_mean':<22} An eagerly registered class next to a lazy one.  [good-pkg]" in text
-    assert "failed to load plugin package bad-pkg: fedlight_codecs returned" in text and "'Missing'" in text
+    assert "failed to load plugin package bad-pkg: fedlight_codecs returned" in text and "no_such_module_xyz" in text
     assert f"{pkg}.impl" not in sys.modules
 
 
@@ -296,7 +297,17 @@ def _random_plugin_source(rng: random.Random, i: int) -> tuple[str, bool]:
     )
     before = rng.choice(["", "    example_args = {}\n", "    x: int\n"])
     body = doc + before + name_stmt + "\n    def aggregate(self, global_state, updates):\n        return global_state\n"
-    source = f"from typing import ClassVar\n\nfrom fedlight import Aggregator\n\nNAME = {name!r}\n\n\nclass Gen(Aggregator):\n{body}"
+    cls = f"class Gen(Aggregator):\n{body}"
+    wrapper = rng.choice(["plain", "if", "try", "if-else"])  # module-level definitions the reader must find
+    if wrapper != "plain":
+        cls = "\n".join("    " + line if line else line for line in cls.splitlines()) + "\n"
+        cls = {
+            "if": f"if NAME:\n{cls}",
+            "try": f"try:\n{cls}except ImportError:\n    pass\n",
+            "if-else": f"if NAME:\n{cls}else:\n{cls}",  # two definitions: the reader defers to the import
+        }[wrapper]
+        literal = literal and wrapper != "if-else"
+    source = f"from typing import ClassVar\n\nfrom fedlight import Aggregator\n\nNAME = {name!r}\n\n\n{cls}"
     return source, literal
 
 

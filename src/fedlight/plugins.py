@@ -141,11 +141,25 @@ class _NotFound(Exception):
     """A lazy ``"module:Class"`` path cannot be listed (no such module or class, a syntax error): its package failed."""
 
 
+def _module_level_classes(body: list[ast.stmt]) -> list[ast.ClassDef]:
+    """Classes a module defines when it runs: top-level ones and those under ``if``/``try``/``with``."""
+    out: list[ast.ClassDef] = []
+    for stmt in body:
+        if isinstance(stmt, ast.ClassDef):
+            out.append(stmt)
+        elif isinstance(stmt, (ast.If, ast.Try, ast.With)):
+            blocks = [stmt.body, getattr(stmt, "orelse", []), getattr(stmt, "finalbody", [])]
+            blocks += [h.body for h in getattr(stmt, "handlers", [])]
+            out += [c for block in blocks for c in _module_level_classes(block)]
+    return out
+
+
 def _read_lazy(path: str) -> tuple[str, str] | None:
     """``(name, summary)`` of the class at ``"module:Class"``, read from its source without importing it.
 
-    None when the source cannot tell (no source file, a nested class, a ``name`` that is not a string
-    literal in the class body): the caller then imports the class to read them.
+    None when the source cannot tell (no source file, a nested class, no single module-level definition,
+    a ``name`` that is not a string literal in the class body): the caller then imports the class to read
+    them, and a class that is not there after all marks its package failed.
     """
     module, sep, qualname = path.partition(":")
     if not sep or not module or not qualname:
@@ -166,12 +180,10 @@ def _read_lazy(path: str) -> tuple[str, str] | None:
         tree = ast.parse(source)
     except SyntaxError as err:
         raise _NotFound(f"cannot parse module {module!r} of {path!r}: {err}") from err
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == qualname:
-            break
-    else:
-        raise _NotFound(f"module {module!r} defines no class {qualname!r} (from {path!r})")
-    name = None
+    found = [c for c in _module_level_classes(tree.body) if c.name == qualname]
+    if len(found) != 1:  # none at module level, or one per branch of an ``if``: importing decides
+        return None
+    node, name = found[0], None
     for stmt in node.body:
         targets = (
             stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target] if isinstance(stmt, ast.AnnAssign) else []
