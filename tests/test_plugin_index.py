@@ -25,7 +25,9 @@ def run_main(args: list[str], autoload: bool) -> tuple[str, list[str]]:
         f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules)); sys.exit(code)"
     )
     env = {**os.environ, "FEDLIGHT_DISABLE_PLUGIN_AUTOLOAD": "0" if autoload else "1"}
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120, check=True
+    )
     body, _, heavy = out.stdout.rpartition("HEAVY ")
     return body, eval(heavy)
 

@@ -24,4 +24,3 @@ class ServerLRFedAvg(Aggregator):
         total = sum(u.num_examples for u in updates)
         step = weighted_sum((u.delta for u in updates), (self.server_lr * u.num_examples / total for u in updates))
         return add(global_state, step)
-
