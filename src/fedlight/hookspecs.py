@@ -7,10 +7,12 @@ A plugin package implements any of these hooks in one module and names that modu
     my_plugin = "my_package.plugin"
 
 Every hook takes no arguments, is called once when the plugin manager is built (before the CLI
-parser exists), and returns a list of plugin *classes* (not instances). Each class subclasses the
-kind's base class, has a unique short ``name``, a one-line docstring summary and typed ``__init__``
-arguments, which become its YAML ``init_args``. fedlight's own built-ins register through these very
-hooks, so a third-party plugin has exactly the same powers as a built-in one.
+parser exists), and returns a list of plugin *classes* (not instances), or of ``"module:Class"``
+paths: a path is listed from the module's source without importing it and imported on first use
+(``fedlight plugins`` stays fast; see docs/plugins.md). Each class subclasses the kind's base class,
+has a unique short ``name``, a one-line docstring summary and typed ``__init__`` arguments, which
+become its YAML ``init_args``. fedlight's own built-ins register through these very hooks, so a
+third-party plugin has exactly the same powers as a built-in one.
 """
 
 from __future__ import annotations
