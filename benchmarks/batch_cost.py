@@ -4,7 +4,11 @@ when steps are overhead-bound and not when they are compute-bound.
 Times forward + backward + AdamW on the simulation benchmark's tiny timm ViT (2 blocks x 32 wide,
 16 px, BitFit) at several batch sizes, CPU time per step, after warm-up.
 
-    python benchmarks/batch_cost.py [--threads 1] [--batches 8,40,80,160]
+    python benchmarks/batch_cost.py [--threads 1] [--batches 8,40,80,160] [--groups 10,16]
+
+The last rows are grouped execution's step: ``torch.func.vmap(grad(functional_call(...)))`` over G
+stacked BitFit slots, each on its own batch of 8, plus one AdamW step over the stacked tensors (what
+``core/grouped.py`` does per local step of a group, without the engine around it).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batches", default="8,40,80,160")
+    parser.add_argument("--groups", default="10,16", help="clients per vmapped group (each a batch of 8)")
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
     import timm
@@ -49,6 +54,35 @@ def main() -> None:
         ms = (time.process_time() - t0) / args.steps * 1000
         base = base or ms
         print(f"| {batch} | {ms:.2f} | {ms / batch:.3f} | {ms / base:.2f}x |")
+    from torch.func import functional_call, grad, vmap
+
+    for m in model.modules():  # as grouped execution does: the fused kernel has no vmap rule on CPU
+        if getattr(m, "fused_attn", None) is True:
+            m.fused_attn = False
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = dict(model.named_parameters())
+
+    def loss_of(slot: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(functional_call(model, slot, (x,), strict=False), y)
+
+    vmapped = vmap(grad(loss_of), in_dims=(0, 0, 0), randomness="different")
+    for groups in [int(g) for g in args.groups.split(",") if g]:
+        stacked = {n: params[n].detach().expand(groups, *params[n].shape).clone() for n in names}
+        grouped_optimizer = torch.optim.AdamW(list(stacked.values()), lr=1e-3)
+        x, y = torch.randn(groups, 8, 3, 16, 16), torch.randint(0, 10, (groups, 8))
+
+        def grouped_step(x: torch.Tensor = x, y: torch.Tensor = y, stacked: dict = stacked, opt=grouped_optimizer):
+            for n, g in vmapped(stacked, x, y).items():
+                stacked[n].grad = g
+            opt.step()
+
+        for _ in range(3):
+            grouped_step()
+        t0 = time.process_time()
+        for _ in range(args.steps):
+            grouped_step()
+        ms = (time.process_time() - t0) / args.steps * 1000
+        print(f"| {groups} clients x 8, vmapped | {ms:.2f} | {ms / (groups * 8):.3f} | {ms / base:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch  # noqa: F401 - see below
 import pytest
 import yaml
+
+# Lightning adds a logging.StreamHandler bound to the sys.stderr of the moment it is first imported.
+# Imported here, that is pytest's session-wide capture; imported inside a test, it would be that test's
+# capsys stream, closed afterwards, and a later test's log lines would print "--- Logging error ---".
 
 # tests must not depend on which plugin packages happen to be installed; tests that need entry
 # points build their own registry with autoload=True
