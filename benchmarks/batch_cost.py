@@ -17,6 +17,16 @@ import argparse
 import time
 
 
+def cpu_ms(step, steps: int) -> float:
+    """CPU milliseconds per call of ``step``, after 3 warm-up calls."""
+    for _ in range(3):
+        step()
+    t0 = time.process_time()
+    for _ in range(steps):
+        step()
+    return (time.process_time() - t0) / steps * 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
@@ -46,12 +56,7 @@ def main() -> None:
             torch.nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
 
-        for _ in range(3):
-            step()
-        t0 = time.process_time()
-        for _ in range(args.steps):
-            step()
-        ms = (time.process_time() - t0) / args.steps * 1000
+        ms = cpu_ms(step, args.steps)
         base = base or ms
         print(f"| {batch} | {ms:.2f} | {ms / batch:.3f} | {ms / base:.2f}x |")
     from torch.func import functional_call, grad, vmap
@@ -76,12 +81,7 @@ def main() -> None:
                 stacked[n].grad = g
             opt.step()
 
-        for _ in range(3):
-            grouped_step()
-        t0 = time.process_time()
-        for _ in range(args.steps):
-            grouped_step()
-        ms = (time.process_time() - t0) / args.steps * 1000
+        ms = cpu_ms(grouped_step, args.steps)
         print(f"| {groups} clients x 8, vmapped | {ms:.2f} | {ms / (groups * 8):.3f} | {ms / base:.2f}x |")
 
 
