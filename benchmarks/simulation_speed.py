@@ -68,10 +68,16 @@ def quickstart_config(tmp: Path, rounds: int) -> dict:
     return cfg
 
 
-def cuda_config(tmp: Path, rounds: int) -> dict:
+VIT_B16 = {"model": "vit_base_patch16_224", "image_size": 224}
+
+
+def cuda_config(tmp: Path, rounds: int, device: str = "cuda", task: dict | None = None) -> dict:
+    """ViT-B/16 + LoRA, 8 clients x 1 step of batch 16 (``task``/``device`` replaceable so the same path
+    runs on CPU with a tiny model in tests/test_benchmarks.py)."""
     cfg = vit_config(tmp, rounds, 8, 8, steps=1)
-    cfg["trainer"]["accelerator"] = "cuda"
-    cfg["model"]["task"]["init_args"] = {"model": "vit_base_patch16_224", "image_size": 224}
+    cfg["trainer"]["accelerator"] = device
+    cfg["model"]["task"]["init_args"] = dict(task or VIT_B16)
+    cfg["central"] = 128  # this workload also times one centralized step of batch 8 x 16
     cfg["model"]["peft"] = {"class_path": "lora", "init_args": {"r": 8, "alpha": 16}}
     cfg["data"].update(batch_size=16, partitioner={"class_path": "iid"})
     return cfg
@@ -81,7 +87,7 @@ def build_cli(cfg: dict, tmp: Path, name: str):
     from fedlight.cli import run_cli
 
     path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "central"}))  # "central": ours, not fit's
     return run_cli(["--config", str(path)], run=False)
 
 
@@ -247,8 +253,8 @@ def run_workload(name: str, cfg: dict, tmp: Path, args) -> list[str]:
             f"| {execution} | {f_cpu:.3f} ({f_wall:.3f}) | **{f_cpu / p_cpu:.2f}x** ({f_wall / p_wall:.2f}x) "
             f"| {min(fixed[execution]):.1f} | {flower} | {diffs[execution]:.2g} |"
         )
-    if device == "cuda":
-        rows.append(centralized_row(cfg, tmp, p_wall))
+    if "central" in cfg:
+        rows.append(centralized_row(cfg, tmp, p_wall, device))
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return rows
@@ -287,25 +293,27 @@ def _global_state(cli):
     return next(c for c in cli.trainer.callbacks if isinstance(c, FederatedRound)).global_state
 
 
-def centralized_row(cfg: dict, tmp: Path, sequential_round: float) -> str:
+def centralized_row(cfg: dict, tmp: Path, sequential_round: float, device: str = "cuda") -> str:
     """ViT-B/16 + LoRA: one step of batch 8 x 16 = 128 vs the 8 sequential client steps of 16."""
     import torch
 
+    size = cfg["central"]
     cli = build_cli(copy.deepcopy(cfg), tmp, "central")
     dm, module = cli.datamodule, cli.model
     dm.setup("fit")
     module.build(dm.num_classes)
-    model, task = module.model.cuda(), module.task
+    model, task = module.model.to(device), module.task
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=module.lr)
-    batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in task.collate(dm.splits.train[:128]).items()}
+    batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in task.collate(dm.splits.train[:size]).items()}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = []
     for _ in range(6):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         task.step(model, batch).loss.backward()
         optimizer.step()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t0)
     step = mean(times[1:])
     return f"| centralized batch 128 (one step) | - | {step:.3f} | - | {sequential_round / step:.2f}x slower (plain sequential) | - | - | - | - |"
