@@ -53,7 +53,7 @@ def _row_signature(batch: Batch, label_keys: tuple[str, ...]) -> tuple | None:
     n = len(batch[label_keys[0]])
     if any(torch.is_floating_point(batch[k]) for k in label_keys):
         return None  # soft labels: -100 would not be ignored
-    signature = []
+    signature: list[tuple[str, Any]] = []
     for k, v in sorted(batch.items()):
         if isinstance(v, torch.Tensor):
             if v.dim() == 0 or v.shape[0] != n:

@@ -189,7 +189,7 @@ class FederatedModule(pl.LightningModule):
         self._eval_loss[prefix] = (total + loss * len(out.target), count + len(out.target))
 
     def _log_eval_loss(self, prefix: str) -> None:
-        total, count = self._eval_loss.pop(prefix, (None, 0))
+        total, count = self._eval_loss.pop(prefix, (torch.tensor(0.0), 0))
         if count:
             mean = total / torch.tensor(count, device=total.device)
             self.log(f"{prefix}loss", mean, prog_bar=prefix == "val_", batch_size=1)
