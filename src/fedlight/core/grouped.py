@@ -18,8 +18,10 @@ in buckets of equal shape. Where the task declares labels its loss ignores (``Ta
 ``F.cross_entropy``'s -100), batches that differ only in their number of examples share one bucket: the
 shorter are padded with copies of their first example labelled -100, which changes neither the loss
 nor the gradients (non-IID clients with a few examples would otherwise cost a vmap call each). A bucket
-that raises is retried slot by slot, so a crashing client is isolated as in the sequential path. What cannot be stacked (per-example DP-SGD, features keeping per-client state in
-local training, non-elementwise optimizers, BatchNorm in train mode) is refused by
+that raises is retried slot by slot, so a crashing client is isolated as in the sequential path.
+
+What cannot be stacked (per-example DP-SGD, features keeping per-client state in local training,
+non-elementwise optimizers, BatchNorm in train mode) is refused by
 :func:`fedlight.core.compat.grouping_blocker` and runs sequentially.
 """
 
