@@ -165,8 +165,8 @@ class ClientExecutor(Executor):
 
     def units(self, plan: RoundPlan) -> list[list[int]]:
         """Positions in ``plan.training`` of this process's work units: one client, or consecutive groups (plan
-        order); on several devices only this rank's clients (:func:`~fedlight.core.distributed.assign_ranks`),
-        and a rank without clients gets one empty unit (every rank must reach the round's end)."""
+        order); on several devices only this rank's clients (:func:`~fedlight.core.distributed.assign_ranks`).
+        A rank without clients has none, and still reaches the round's end: the round is one Lightning batch."""
         world = self.trainer.world_size
         positions = list(range(len(plan.training)))
         if world > 1:
@@ -175,8 +175,7 @@ class ClientExecutor(Executor):
             positions = assign_ranks(plan, world)[self.trainer.global_rank]
         size = 1 if self.execution == "sequential" else (AUTO_GROUP if self.group_size == "auto" else self.group_size)
         assert isinstance(size, int)
-        units = [positions[i : i + size] for i in range(0, len(positions), size)] or [[]]
-        return units
+        return [positions[i : i + size] for i in range(0, len(positions), size)]
 
     def _optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
         """A fresh client optimizer at the learning rate the run's (scheduled) optimizer has now."""
@@ -190,9 +189,8 @@ class ClientExecutor(Executor):
         """Train the round's work units on this rank (their updates go to the engine); a client that raises is
         excluded. On several devices every rank's round part then reaches every rank."""
         failed = set(self.engine.round.failed)
-        for unit in work.work():
-            if unit:  # on the module's device, through the module's batch-transfer hooks
-                self._train(self.trainer.strategy.batch_to_device(unit))
+        for unit in work.work():  # each on the module's device, through the module's batch-transfer hooks
+            self._train(self.trainer.strategy.batch_to_device(unit))
         for client, error in self.engine.round.failed.items():
             if client not in failed and error.startswith("Traceback"):  # not a pipeline's refusal
                 message = f"[fedlight] round {self.engine.round.round}: client {client} raised; excluded:\n{error}"

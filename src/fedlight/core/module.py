@@ -189,10 +189,15 @@ class FederatedModule(pl.LightningModule):
         self._eval_loss[prefix] = (total + loss * len(out.target), count + len(out.target))
 
     def _log_eval_loss(self, prefix: str) -> None:
-        total, count = self._eval_loss.pop(prefix, (torch.tensor(0.0), 0))
-        if count:
-            mean = total / torch.tensor(count, device=total.device)
-            self.log(f"{prefix}loss", mean, prog_bar=prefix == "val_", batch_size=1)
+        summed = self._eval_loss.pop(prefix, None)
+        if summed is not None:  # an evaluation of at least one batch
+            total, count = summed
+            self.log(
+                f"{prefix}loss",
+                total / torch.tensor(count, device=total.device),
+                prog_bar=prefix == "val_",
+                batch_size=1,
+            )
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._eval_step(batch, self.val_metrics, "val_")

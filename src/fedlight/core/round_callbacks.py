@@ -62,7 +62,7 @@ class RunRecords(pl.Callback):
         self._record(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        rank_zero_info(RunLog.summary(self.federation.engine))
+        rank_zero_info(self.federation.summary())
 
     def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         history = self.federation.engine.history
